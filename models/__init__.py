@@ -1,0 +1,21 @@
+"""SQLAlchemy models, engine/session setup and migrations."""
+from models.accounts import AccountSettings, PsaConnection
+from models.base import Base, utcnow
+from models.enums import (
+    CLAIMABLE_STATES,
+    TERMINAL_STATES,
+    AttemptOutcome,
+    JobKind,
+    JobState,
+    NoteState,
+    NoteVisibility,
+    SessionStatus,
+)
+from models.jobs import WritebackAttempt, WritebackJob
+from models.sessions import AiSession
+
+__all__ = [
+    "AccountSettings", "AiSession", "AttemptOutcome", "Base", "CLAIMABLE_STATES", "JobKind",
+    "JobState", "NoteState", "NoteVisibility", "PsaConnection", "SessionStatus", "TERMINAL_STATES",
+    "WritebackAttempt", "WritebackJob", "utcnow",
+]

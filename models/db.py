@@ -1,0 +1,108 @@
+"""Engine and session setup. One engine per process, built from DATABASE_URL.
+
+With no DATABASE_URL the demo falls back to a SQLite file under ./var so a newcomer can
+see the whole flow with nothing installed; production and tests use PostgreSQL.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+DEFAULT_SQLITE_PATH = Path("var") / "psa-writeback.db"
+
+_lock = threading.Lock()
+_engine: Engine | None = None
+_factory: sessionmaker[Session] | None = None
+
+
+def database_url() -> str:
+    url = os.environ.get("DATABASE_URL", "").strip()
+    if url:
+        return normalize_url(url)
+    DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{DEFAULT_SQLITE_PATH.resolve()}"
+
+
+def normalize_url(url: str) -> str:
+    # Heroku-style URLs still say postgres://, which SQLAlchemy 2 rejects; and SQLAlchemy
+    # 2.1 maps a bare postgresql:// to psycopg 3, while we ship psycopg2-binary.
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
+        cur = dbapi_conn.cursor()
+        # WAL + busy timeout let the demo worker's threads and the CLI share one file.
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+
+def make_engine(url: str | None = None, *, pool_size: int | None = None) -> Engine:
+    url = normalize_url(url) if url else database_url()
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        _configure_sqlite(engine)
+        return engine
+    size = pool_size or int(os.environ.get("DB_POOL_SIZE", "10"))
+    return create_engine(
+        url,
+        pool_size=size,
+        max_overflow=int(os.environ.get("DB_MAX_OVERFLOW", "5")),
+        pool_pre_ping=True,  # survive pg_terminate_backend / server restarts
+        pool_recycle=1800,
+    )
+
+
+def get_engine() -> Engine:
+    global _engine, _factory
+    with _lock:
+        if _engine is None:
+            _engine = make_engine()
+            _factory = sessionmaker(_engine, expire_on_commit=False)
+        return _engine
+
+
+def set_engine(engine: Engine | None) -> None:
+    """Point this process at another engine (tests, the demo, the CLI's --database)."""
+    global _engine, _factory
+    with _lock:
+        if _engine is not None and _engine is not engine:
+            _engine.dispose()
+        _engine = engine
+        _factory = sessionmaker(engine, expire_on_commit=False) if engine is not None else None
+
+
+def session_factory() -> sessionmaker[Session]:
+    get_engine()
+    assert _factory is not None
+    return _factory
+
+
+@contextlib.contextmanager
+def session_scope() -> Iterator[Session]:
+    """One short transaction: commit on success, roll back on error, always close."""
+    session = session_factory()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

@@ -1,0 +1,121 @@
+"""ConnectWise PSA (Manage) over REST apis/3.0.
+
+Vendor quirks that shaped this module (see shared/reference/psa-apis.md §1):
+- auth is Basic base64("company+public:private") plus a clientId header on every call;
+- the API version is pinned in Accept, otherwise CW serves "latest" and fields drift;
+- note visibility is three flags; only internalAnalysisFlag keeps a note from the customer;
+- PATCH bodies are JSON Patch arrays; we use the sub-path form `status/id`, which is what
+  CW's own errors name, and a status id from another board is a 400 on `status/id`;
+- notes have no idempotency key, so callers reconcile with list_recent_notes.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+from typing import Any
+
+from models.enums import NoteVisibility
+from providers.base import BoardStatus, Credentials, PostedNote, Ticket
+from providers.errors import PsaProtocolError
+from providers.http import call, pooled_session
+
+API_VERSION = os.environ.get("CW_API_VERSION", "2025.16")
+TICKET_FIELDS = "id,status,closedFlag,board,_info"
+
+_FLAGS = {
+    NoteVisibility.RESOLUTION: {"detailDescriptionFlag": False, "internalAnalysisFlag": False, "resolutionFlag": True},
+    NoteVisibility.INTERNAL: {"detailDescriptionFlag": False, "internalAnalysisFlag": True, "resolutionFlag": False},
+    NoteVisibility.DISCUSSION: {"detailDescriptionFlag": True, "internalAnalysisFlag": False, "resolutionFlag": False},
+}
+
+
+class ConnectWiseProvider:
+    name = "connectwise"
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._base = credentials.base_url.rstrip("/")
+        token = f"{credentials.company_id}+{credentials.public_key}:{credentials.private_key}"
+        self._headers = {
+            "Authorization": "Basic " + base64.b64encode(token.encode()).decode(),
+            "clientId": credentials.client_id,
+            "Accept": f"application/vnd.connectwise.com+json; version={API_VERSION}",
+            "Content-Type": "application/json",
+            "Cache-Control": "no-cache",
+        }
+        self._session = pooled_session(f"cw|{self._base}|{token}|{credentials.client_id}")
+
+    def __repr__(self) -> str:
+        return f"<ConnectWiseProvider {self._base}>"
+
+    def _call(self, method: str, path: str, operation: str, **kwargs: Any) -> Any:
+        return call(self._session, method, self._base + path, provider=self.name, operation=operation,
+                    headers=self._headers, **kwargs)
+
+    def get_ticket(self, ticket_id: int) -> Ticket:
+        body = self._call("GET", f"/service/tickets/{ticket_id}", "get_ticket", params={"fields": TICKET_FIELDS})
+        return _ticket(body)
+
+    def update_status(self, ticket_id: int, status_id: int) -> Ticket:
+        patch = [{"op": "replace", "path": "status/id", "value": status_id}]
+        return _ticket(self._call("PATCH", f"/service/tickets/{ticket_id}", "update_status", json=patch))
+
+    def post_note(self, ticket_id: int, text: str, visibility: NoteVisibility) -> PostedNote:
+        body = {"text": text, **_FLAGS[visibility], "customerUpdatedFlag": False}
+        if visibility is NoteVisibility.INTERNAL:
+            body["processNotifications"] = False  # internal notes must never email anyone
+        return _note(self._call("POST", f"/service/tickets/{ticket_id}/notes", "post_note", json=body))
+
+    def list_recent_notes(self, ticket_id: int, limit: int = 50) -> list[PostedNote]:
+        body = self._call("GET", f"/service/tickets/{ticket_id}/notes", "list_notes",
+                          params={"orderBy": "id desc", "pageSize": min(max(limit, 1), 1000)})
+        if not isinstance(body, list):
+            raise PsaProtocolError("notes reply was not a list", operation="list_notes")
+        return [_note(n) for n in body]
+
+    def list_statuses(self, board_id: int) -> list[BoardStatus]:
+        body = self._call("GET", f"/service/boards/{board_id}/statuses", "list_statuses",
+                          params={"pageSize": 1000})
+        if not isinstance(body, list):
+            raise PsaProtocolError("statuses reply was not a list", operation="list_statuses")
+        return [BoardStatus(id=int(s["id"]), name=str(s.get("name", "")), closed=bool(s.get("closedStatus")),
+                            inactive=bool(s.get("inactive"))) for s in body]
+
+
+def _ticket(body: Any) -> Ticket:
+    if not isinstance(body, dict) or "id" not in body:
+        raise PsaProtocolError("ticket reply had no id", operation="get_ticket")
+    status = body.get("status") or {}
+    board = body.get("board") or {}
+    return Ticket(id=int(body["id"]), status_id=_int(status.get("id")), status_name=status.get("name"),
+                  board_id=_int(board.get("id")), closed=body.get("closedFlag"))
+
+
+def _note(body: Any) -> PostedNote:
+    if not isinstance(body, dict) or "id" not in body:
+        raise PsaProtocolError("note reply had no id", operation="post_note")
+    if body.get("internalAnalysisFlag"):
+        vis = NoteVisibility.INTERNAL
+    elif body.get("resolutionFlag"):
+        vis = NoteVisibility.RESOLUTION
+    elif body.get("detailDescriptionFlag"):
+        vis = NoteVisibility.DISCUSSION
+    else:
+        vis = None
+    created = body.get("dateCreated")
+    return PostedNote(id=str(body["id"]), text=str(body.get("text") or ""), visibility=vis,
+                      created_at=_parse_dt(created) if created else None)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _parse_dt(value: str) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None

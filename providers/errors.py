@@ -1,0 +1,126 @@
+"""Vendor errors as a small typed tree. Every PSA call raises one of these or returns.
+
+`retryable` decides retry versus fail-now; `retry_after` (seconds) is the vendor's own
+wish (429 Retry-After) and overrides a shorter backoff. Configuration problems are not
+here (models.crypto.ConfigurationError) so no retry policy can swallow them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+BODY_EXCERPT_LIMIT = 300
+
+
+class PsaError(Exception):
+    retryable: bool = False
+    kind: str = "psa_error"
+
+    def __init__(self, message: str, *, status_code: int | None = None, vendor_code: str | None = None,
+                 retry_after: float | None = None, operation: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.vendor_code = vendor_code
+        self.retry_after = retry_after
+        self.operation = operation
+
+    def __str__(self) -> str:
+        # One line that says what we tried, what the vendor said, and its HTTP status.
+        parts = [self.operation or "PSA call", "failed"]
+        if self.status_code is not None:
+            parts.append(f"with HTTP {self.status_code}")
+        text = " ".join(parts) + f": {self.message}"
+        if self.vendor_code:
+            text += f" [{self.vendor_code}]"
+        return text
+
+
+class PsaTransientError(PsaError):
+    """Timeouts, resets, 5xx: the request may or may not have been applied."""
+    retryable = True
+    kind = "transient"
+
+
+class PsaRateLimited(PsaTransientError):
+    kind = "rate_limited"
+
+
+class PsaRecordBusy(PsaTransientError):
+    """ConnectWise 409: the record is in use by someone else."""
+    kind = "record_busy"
+
+
+class PsaPermanentError(PsaError):
+    retryable = False
+    kind = "permanent"
+
+
+class PsaBadRequest(PsaPermanentError):
+    kind = "bad_request"
+
+
+class PsaAuthError(PsaPermanentError):
+    """401: the connection's credentials no longer work (alert once per connection)."""
+    kind = "auth"
+
+
+class PsaPermissionDenied(PsaPermanentError):
+    kind = "permission"
+
+
+class PsaNotFound(PsaPermanentError):
+    kind = "not_found"
+
+
+class PsaInvalidStatus(PsaBadRequest):
+    """The target status id does not exist on the ticket's board."""
+    kind = "invalid_status"
+
+
+class PsaProtocolError(PsaTransientError):
+    """A 2xx whose body we cannot read: treat as transient (proxies, truncated replies)."""
+    kind = "protocol"
+
+
+def _retry_after(headers: Any) -> float | None:
+    raw = (headers or {}).get("Retry-After")
+    if raw is None:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        return None  # HTTP-date form: fall back to our own backoff
+
+
+def from_response(status: int, body: Any, headers: Any = None, *, operation: str | None = None) -> PsaError:
+    """Map an error reply (status, parsed JSON or text, headers) to a typed error."""
+    message, code, field_errors = _vendor_message(body)
+    kwargs = dict(status_code=status, vendor_code=code, operation=operation)
+    if status == 429:
+        return PsaRateLimited(message or "rate limited", retry_after=_retry_after(headers), **kwargs)
+    if status == 409:
+        return PsaRecordBusy(message or "record in use", retry_after=_retry_after(headers), **kwargs)
+    if status >= 500:
+        return PsaTransientError(message or "server error", retry_after=_retry_after(headers), **kwargs)
+    if status == 401:
+        return PsaAuthError(message or "authentication failed", **kwargs)
+    if status == 403:
+        return PsaPermissionDenied(message or "permission denied", **kwargs)
+    if status == 404:
+        return PsaNotFound(message or "not found", **kwargs)
+    if status == 400 and any(e.get("field") in ("status/id", "status") for e in field_errors):
+        return PsaInvalidStatus(message, **kwargs)
+    return PsaBadRequest(message or f"HTTP {status}", **kwargs)
+
+
+def _vendor_message(body: Any) -> tuple[str, str | None, list[dict[str, Any]]]:
+    """ConnectWise errors: {"code","message","errors":[{"code","message","field"}]}."""
+    if isinstance(body, dict):
+        errors = [e for e in (body.get("errors") or []) if isinstance(e, dict)]
+        message = str(body.get("message") or "")
+        details = "; ".join(str(e.get("message")) for e in errors if e.get("message"))
+        if details:
+            message = f"{message} ({details})" if message else details
+        return message[:BODY_EXCERPT_LIMIT], body.get("code"), errors
+    text = str(body or "").strip().replace("\n", " ")
+    return text[:BODY_EXCERPT_LIMIT], None, []

@@ -1,0 +1,364 @@
+"""A ConnectWise Manage simulator: a real HTTP server on loopback, quirks included.
+
+Serves the endpoints the worker uses under any `.../apis/3.0` prefix, checks auth the way
+CW does (Basic company+public:private, a clientId header), and injects faults:
+
+- `reject_status_changes` on a ticket: PATCH answers 200 with the new status in its body,
+  but the stored status stays put (the "silent rejection" we exist to catch);
+- rules matched per operation, `times` times: `error` (status + CW error body +
+  Retry-After), `delay` (sleep *before* applying), `drop_after_apply` (apply, then close
+  the socket without a reply), `slow_after_apply` (apply, then sleep past the client's
+  timeout), `chaos` (a random share of calls fail as 5xx/429/drop/slow);
+- `latency`: seconds added to every call (benchmarks).
+
+Control it in-process (`SimulatorServer.state`) or over HTTP under `/_sim/` (the demo and
+benchmarks run it as a separate process: `python -m providers.simulators.connectwise`).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import json
+import random
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+DEFAULT_STATUSES = {1: ("New", False), 5: ("In Progress", False), 7: ("Escalated", False),
+                    9: ("Resolved", True), 11: ("Closed", True)}
+
+
+@dataclass
+class FaultRule:
+    action: str  # error | delay | drop_after_apply | slow_after_apply | chaos
+    operation: str = "any"  # get_ticket | update_status | post_note | list_notes | list_statuses | any
+    times: int = 1  # -1 = forever
+    ticket_id: int | None = None
+    status: int = 503
+    retry_after: float | None = None
+    seconds: float = 0.0
+    rate: float = 0.0
+    body: dict[str, Any] | None = None
+
+
+@dataclass
+class SimState:
+    company_id: str = "simco"
+    public_key: str = "fake-public"
+    private_key: str = "fake-private"
+    client_id: str = "00000000-0000-0000-0000-00000000c11e"
+    latency: float = 0.0
+    boards: dict[int, dict[int, tuple[str, bool]]] = field(default_factory=lambda: {1: dict(DEFAULT_STATUSES)})
+    tickets: dict[int, dict[str, Any]] = field(default_factory=dict)
+    faults: list[FaultRule] = field(default_factory=list)
+    calls: Counter = field(default_factory=Counter)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    next_note_id: int = 1000
+    rng: random.Random = field(default_factory=lambda: random.Random(7))
+
+    def add_ticket(self, ticket_id: int, *, board_id: int = 1, status_id: int = 1,
+                   reject_status_changes: bool = False) -> None:
+        with self.lock:
+            self.tickets[ticket_id] = {"id": ticket_id, "board_id": board_id, "status_id": status_id,
+                                       "notes": [], "reject_status_changes": reject_status_changes,
+                                       "patches": 0}
+
+    def add_fault(self, **kwargs: Any) -> FaultRule:
+        rule = FaultRule(**kwargs)
+        with self.lock:
+            self.faults.append(rule)
+        return rule
+
+    def notes(self, ticket_id: int) -> list[dict[str, Any]]:
+        with self.lock:
+            return [dict(n) for n in self.tickets[ticket_id]["notes"]]
+
+    def status_of(self, ticket_id: int) -> int:
+        with self.lock:
+            return self.tickets[ticket_id]["status_id"]
+
+    def take_fault(self, operation: str, ticket_id: int | None) -> FaultRule | None:
+        with self.lock:
+            for rule in self.faults:
+                if rule.operation not in ("any", operation) or rule.times == 0:
+                    continue
+                if rule.ticket_id is not None and rule.ticket_id != ticket_id:
+                    continue
+                if rule.action == "chaos":
+                    if self.rng.random() >= rule.rate:
+                        continue
+                    return self._chaos_pick(rule, operation)
+                if rule.times > 0:
+                    rule.times -= 1
+                return rule
+        return None
+
+    def _chaos_pick(self, rule: FaultRule, operation: str) -> FaultRule:
+        choices = ["error500", "error503", "error429", "drop_after_apply", "slow_after_apply"]
+        pick = self.rng.choice(choices)
+        if pick.startswith("error"):
+            code = int(pick[5:])
+            return FaultRule(action="error", status=code, retry_after=0.2 if code == 429 else None)
+        return FaultRule(action=pick, seconds=rule.seconds)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like the real thing
+    server: "SimulatorServer"
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    # --- plumbing -------------------------------------------------------------------
+    def _dispatch(self, method: str) -> None:
+        path, _, query = self.path.partition("?")
+        body = self._read_body()
+        if path.startswith("/_sim/"):
+            return self._control(method, path, body)
+        state = self.server.state
+        api = re.sub(r"^.*?/apis/3\.0", "", path)
+        route = _route(method, api)
+        if route is None:
+            return self._send(404, {"code": "NotFound", "message": f"no route {method} {api}"})
+        operation, ticket_id, board_id = route
+        with state.lock:
+            state.calls[operation] += 1
+        if state.latency:
+            time.sleep(state.latency)
+        if not self._authorised(state):
+            return self._send(401, {"code": "Unauthorized", "message": "Invalid credentials or clientId"})
+        rule = state.take_fault(operation, ticket_id)
+        if rule is not None and rule.action == "error":
+            return self._send(rule.status, rule.body or _error_body(rule.status),
+                              {"Retry-After": str(rule.retry_after)} if rule.retry_after is not None else None)
+        if rule is not None and rule.action == "delay":
+            time.sleep(rule.seconds)
+        status, reply = self._apply(operation, ticket_id, board_id, body, query)
+        if rule is not None and rule.action == "drop_after_apply":
+            self.close_connection = True
+            self.connection.shutdown(2)  # the write happened; the reply never arrives
+            return None
+        if rule is not None and rule.action == "slow_after_apply":
+            time.sleep(rule.seconds)
+        return self._send(status, reply)
+
+    def _read_body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        if not length:
+            return None
+        raw = self.rfile.read(length)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw.decode("utf-8", "replace")
+
+    def _authorised(self, state: SimState) -> bool:
+        expected = base64.b64encode(f"{state.company_id}+{state.public_key}:{state.private_key}".encode()).decode()
+        return (self.headers.get("Authorization") == f"Basic {expected}"
+                and self.headers.get("clientId") == state.client_id
+                and "application/vnd.connectwise.com+json" in (self.headers.get("Accept") or ""))
+
+    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    # --- the API ----------------------------------------------------------------------
+    def _apply(self, operation: str, ticket_id: int | None, board_id: int | None, body: Any,
+               query: str) -> tuple[int, Any]:
+        state = self.server.state
+        with state.lock:
+            if operation == "list_statuses":
+                statuses = state.boards.get(board_id or -1)
+                if statuses is None:
+                    return 404, {"code": "NotFound", "message": f"Service Board {board_id} not found"}
+                return 200, [{"id": sid, "name": n, "closedStatus": c, "inactive": False,
+                              "board": {"id": board_id}} for sid, (n, c) in statuses.items()]
+            ticket = state.tickets.get(ticket_id or -1)
+            if ticket is None:
+                return 404, {"code": "NotFound", "message": f"Ticket {ticket_id} not found"}
+            if operation == "get_ticket":
+                return 200, _ticket_json(state, ticket)
+            if operation == "update_status":
+                return self._patch(state, ticket, body)
+            if operation == "post_note":
+                return self._post_note(state, ticket, body)
+            notes = sorted(ticket["notes"], key=lambda n: n["id"], reverse="desc" in query)
+            return 200, notes[: _page_size(query)]
+
+    def _patch(self, state: SimState, ticket: dict[str, Any], body: Any) -> tuple[int, Any]:
+        ops = body if isinstance(body, list) else None
+        op = next((o for o in ops or [] if isinstance(o, dict) and o.get("path") in ("status/id", "status")), None)
+        if op is None:
+            return 400, {"code": "InvalidObject", "message": "ticket object is invalid",
+                         "errors": [{"code": "InvalidPatch", "message": "path source is not valid",
+                                     "resource": "ticket", "field": "status/id"}]}
+        value = op.get("value")
+        status_id = value.get("id") if isinstance(value, dict) else value
+        statuses = state.boards[ticket["board_id"]]
+        if not isinstance(status_id, int) or status_id not in statuses:
+            return 400, {"code": "InvalidObject", "message": "ticket object is invalid",
+                         "errors": [{"code": "NotFound", "resource": "ticket", "field": "status/id",
+                                     "message": f"Service Status {status_id} not found for Service Board {ticket['board_id']}"}]}
+        ticket["patches"] += 1
+        if ticket["reject_status_changes"]:
+            # Answer as if it worked; a board workflow "undoes" it behind our back.
+            return 200, {**_ticket_json(state, ticket), "status": _status_ref(state, ticket["board_id"], status_id)}
+        ticket["status_id"] = status_id
+        return 200, _ticket_json(state, ticket)
+
+    def _post_note(self, state: SimState, ticket: dict[str, Any], body: Any) -> tuple[int, Any]:
+        if not isinstance(body, dict) or not str(body.get("text") or "").strip():
+            return 400, {"code": "InvalidObject", "message": "serviceNote object is invalid",
+                         "errors": [{"code": "MissingRequiredField", "message": "text is required",
+                                     "resource": "serviceNote", "field": "text"}]}
+        flags = [bool(body.get(f)) for f in ("detailDescriptionFlag", "internalAnalysisFlag", "resolutionFlag")]
+        if not any(flags):
+            return 400, {"code": "InvalidObject", "message": "serviceNote object is invalid",
+                         "errors": [{"code": "MissingRequiredField", "field": "detailDescriptionFlag",
+                                     "message": "One of detailDescriptionFlag, internalAnalysisFlag, or resolutionFlag is required."}]}
+        state.next_note_id += 1
+        note = {"id": state.next_note_id, "ticketId": ticket["id"], "text": body["text"],
+                "detailDescriptionFlag": flags[0], "internalAnalysisFlag": flags[1], "resolutionFlag": flags[2],
+                "customerUpdatedFlag": bool(body.get("customerUpdatedFlag")),
+                "processNotifications": body.get("processNotifications", True),
+                "dateCreated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "createdBy": state.public_key, "internalFlag": flags[1], "externalFlag": not flags[1]}
+        ticket["notes"].append(note)
+        return 201, dict(note)
+
+    # --- control API for out-of-process users -------------------------------------------
+    def _control(self, method: str, path: str, body: Any) -> None:
+        state = self.server.state
+        body = body if isinstance(body, dict) else {}
+        if path == "/_sim/tickets" and method == "POST":
+            state.add_ticket(int(body["id"]), board_id=int(body.get("board_id", 1)),
+                             status_id=int(body.get("status_id", 1)),
+                             reject_status_changes=bool(body.get("reject_status_changes", False)))
+            return self._send(201, {"id": int(body["id"])})
+        if path == "/_sim/faults" and method == "POST":
+            state.add_fault(**body)
+            return self._send(201, {"ok": True})
+        if path == "/_sim/config" and method == "POST":
+            with state.lock:
+                if "latency" in body:
+                    state.latency = float(body["latency"])
+                if body.get("clear_faults"):
+                    state.faults.clear()
+            return self._send(200, {"ok": True})
+        m = re.fullmatch(r"/_sim/tickets/(\d+)", path)
+        if m and method == "GET":
+            with state.lock:
+                t = state.tickets.get(int(m.group(1)))
+                return self._send(200 if t else 404, dict(t) if t else {"message": "no such ticket"})
+        if path == "/_sim/stats" and method == "GET":
+            with state.lock:
+                return self._send(200, {"calls": dict(state.calls),
+                                        "notes": sum(len(t["notes"]) for t in state.tickets.values())})
+        return self._send(404, {"message": f"no control route {method} {path}"})
+
+
+def _route(method: str, api: str) -> tuple[str, int | None, int | None] | None:
+    if m := re.fullmatch(r"/service/tickets/(\d+)", api):
+        return {"GET": ("get_ticket", int(m.group(1)), None), "PATCH": ("update_status", int(m.group(1)), None)}.get(method)
+    if m := re.fullmatch(r"/service/tickets/(\d+)/notes", api):
+        return {"GET": ("list_notes", int(m.group(1)), None), "POST": ("post_note", int(m.group(1)), None)}.get(method)
+    if (m := re.fullmatch(r"/service/boards/(\d+)/statuses", api)) and method == "GET":
+        return ("list_statuses", None, int(m.group(1)))
+    return None
+
+
+def _status_ref(state: SimState, board_id: int, status_id: int) -> dict[str, Any]:
+    name = state.boards[board_id].get(status_id, ("?", False))[0]
+    return {"id": status_id, "name": name, "_info": {"status_href": f"/service/boards/{board_id}/statuses/{status_id}"}}
+
+
+def _ticket_json(state: SimState, ticket: dict[str, Any]) -> dict[str, Any]:
+    closed = state.boards[ticket["board_id"]].get(ticket["status_id"], ("", False))[1]
+    return {"id": ticket["id"], "recordType": "ServiceTicket", "closedFlag": closed,
+            "board": {"id": ticket["board_id"], "name": f"Board {ticket['board_id']}"},
+            "status": _status_ref(state, ticket["board_id"], ticket["status_id"]),
+            "_info": {"lastUpdated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}}
+
+
+def _page_size(query: str) -> int:
+    m = re.search(r"pageSize=(\d+)", query)
+    return min(int(m.group(1)), 1000) if m else 25
+
+
+def _error_body(status: int) -> dict[str, Any]:
+    if status == 429:
+        return {"code": "TooManyRequests", "message": "Request volume exceeds capacity limits"}
+    if status == 409:
+        return {"code": "RecordInUse", "message": "The record is currently in use by another member"}
+    if status == 401:
+        return {"code": "Unauthorized", "message": "Invalid credentials"}
+    if status == 403:
+        return {"code": "Security", "message": "You do not have security permission to perform this action."}
+    if status == 404:
+        return {"code": "NotFound", "message": "The record was not found"}
+    return {"code": "ConnectWiseApi", "message": f"Simulated server error {status}", "errors": None}
+
+
+class SimulatorServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, state: SimState | None = None) -> None:
+        super().__init__((host, port), _Handler)
+        self.state = state or SimState()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def root_url(self) -> str:
+        return f"http://{self.server_address[0]}:{self.server_address[1]}"
+
+    @property
+    def base_url(self) -> str:
+        return self.root_url + "/v4_6_release/apis/3.0"
+
+    def start(self) -> "SimulatorServer":
+        self._thread = threading.Thread(target=self.serve_forever, name="cw-simulator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the ConnectWise simulator on loopback.")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every call")
+    args = parser.parse_args(argv)
+    server = SimulatorServer(port=args.port)
+    server.state.latency = args.latency
+    print(json.dumps({"base_url": server.base_url, "root_url": server.root_url}), flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
