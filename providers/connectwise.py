@@ -32,6 +32,8 @@ _FLAGS = {
 
 class ConnectWiseProvider:
     name = "connectwise"
+    # account_settings.preferences keys: cw_resolved_status_id, cw_escalated_status_id
+    preference_prefix = "cw"
 
     def __init__(self, credentials: Credentials) -> None:
         self._base = credentials.base_url.rstrip("/")

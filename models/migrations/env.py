@@ -28,6 +28,8 @@ def run_migrations_online() -> None:
                           render_as_batch=connection.dialect.name == "sqlite")
         with context.begin_transaction():
             context.run_migrations()
+        # SET above autobegan the outer transaction, so alembic's block does not commit it.
+        connection.commit()
     engine.dispose()
 
 

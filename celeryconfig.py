@@ -1,0 +1,86 @@
+"""Celery settings, read from the environment. Lowercase names (Celery >= 4 style).
+
+Delivery choices (shared/reference/celery-reliability.md):
+- acks_late + reject_on_worker_lost: a message is only gone once its job row says so;
+  a dead worker's message comes back, and the job row's claim makes the repeat harmless.
+- prefetch 1: with acks_late, prefetched messages age toward the visibility timeout.
+- visibility_timeout (2 h) > the longest retry countdown we ever publish (30 min), so a
+  waiting retry is never redelivered early as a duplicate.
+- JSON only: tasks are called by name from a web tier that does not import this code.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kombu import Queue
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, str(default)))
+
+
+def _embedded_broker() -> tuple[str, dict]:
+    # No broker configured: a filesystem queue under ./var, shared by the demo's processes.
+    root = Path(os.environ.get("PSA_WRITEBACK_VAR", "var")).resolve() / "broker"
+    for sub in ("out", "processed"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    opts = {"data_folder_in": str(root / "out"), "data_folder_out": str(root / "out"),
+            "processed_folder": str(root / "processed"), "store_processed": False}
+    return "filesystem://", opts
+
+
+broker_url = os.environ.get("CELERY_BROKER_URL", "").strip()
+VISIBILITY_TIMEOUT = _env_int("CELERY_VISIBILITY_TIMEOUT", 7200)
+if broker_url:
+    broker_transport_options = {
+        "visibility_timeout": VISIBILITY_TIMEOUT,
+        "socket_timeout": 10,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+        "health_check_interval": 10,
+        "retry_on_timeout": True,
+        "max_retries": 3,  # bound producer publish retries; the sweeper covers the rest
+    }
+else:
+    broker_url, broker_transport_options = _embedded_broker()
+
+# Our own tables are the source of truth; Celery results are not needed.
+task_ignore_result = True
+result_backend = None
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+timezone = "UTC"
+enable_utc = True
+
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+# Threads: each job is ~5 HTTP calls that mostly wait. 2 prefork children would run 2 jobs
+# at once; 32 threads run 32 with one process's memory. Override with WORKER_CONCURRENCY.
+worker_pool = os.environ.get("WORKER_POOL", "threads")
+worker_concurrency = _env_int("WORKER_CONCURRENCY", 32)
+# Time limits only bite under prefork; under threads, HTTP timeouts and the job lease bound
+# an execution (the lease is longer than the hard limit).
+task_soft_time_limit = _env_int("TASK_SOFT_TIME_LIMIT", 240)
+task_time_limit = _env_int("TASK_TIME_LIMIT", 300)
+worker_cancel_long_running_tasks_on_connection_loss = True
+broker_connection_retry_on_startup = True
+
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+
+task_default_queue = "writeback"
+task_queues = (Queue("writeback"), Queue("drafting"))
+task_routes = {"writeback.draft_preview": {"queue": "drafting"}}
+
+beat_schedule = {
+    "writeback-sweep": {
+        "task": "writeback.sweep",
+        "schedule": float(os.environ.get("SWEEP_INTERVAL_SECONDS", "15")),
+        "options": {"expires": 60},
+    },
+}

@@ -1,0 +1,36 @@
+"""Backoff policy for transient PSA errors. Kept in the job row (next_attempt_at), not only
+in a Celery countdown, so a lost retry message delays a job but never loses it."""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+from providers.errors import PsaError
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    base_seconds: float = 30.0
+    factor: float = 2.0
+    max_delay_seconds: float = 1800.0
+    max_attempts: int = 8
+
+    @classmethod
+    def from_env(cls) -> "RetryPolicy":
+        # Defaults give ~8 attempts over about an hour: 30 s, 1, 2, 4, 8, 16, 30 min (jittered).
+        return cls(base_seconds=float(os.environ.get("RETRY_BASE_SECONDS", "30")),
+                   factor=float(os.environ.get("RETRY_FACTOR", "2")),
+                   max_delay_seconds=float(os.environ.get("RETRY_MAX_DELAY_SECONDS", "1800")),
+                   max_attempts=int(os.environ.get("RETRY_MAX_ATTEMPTS", "8")))
+
+    def delay(self, attempt: int, error: PsaError | None = None, rng: random.Random | None = None) -> float:
+        """Delay after failed attempt number `attempt` (1-based): exponential with "equal
+        jitter" (half fixed, half random) so a burst of failures does not retry in step.
+        A vendor Retry-After is a floor: asking sooner just earns another 429."""
+        rng = rng or random
+        ceiling = min(self.max_delay_seconds, self.base_seconds * self.factor ** max(attempt - 1, 0))
+        delay = ceiling / 2 + rng.uniform(0, ceiling / 2)
+        if error is not None and error.retry_after is not None:
+            delay = max(delay, min(error.retry_after, self.max_delay_seconds))
+        return delay

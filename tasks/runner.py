@@ -1,0 +1,169 @@
+"""One execution of a writeback job: claim → note → status → verify → record.
+
+Plain functions (no Celery here): tasks.writeback maps the returned Outcome onto Celery's
+vocabulary (return, retry, raise). The database transactions are short and never span a
+PSA call (STYLE habit 5).
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from models import AttemptOutcome, JobState, SessionStatus, utcnow
+from models.crypto import ConfigurationError
+from providers import provider_for
+from providers.errors import PsaAuthError, PsaError
+from tasks import events, steps, store
+from tasks.errors import LeaseLost
+from tasks.retry import RetryPolicy
+from tasks.store import ClaimedJob, ClaimRefusal
+
+log = logging.getLogger("psa_writeback.runner")
+
+_DONE_STATUS = {"resolve": SessionStatus.RESOLVED, "escalate": SessionStatus.ESCALATED}
+_LOCAL_STATUS = {"resolve": SessionStatus.RESOLVED_LOCAL, "escalate": SessionStatus.ESCALATED_LOCAL}
+_LOCAL_MARKDOWN = {"resolve": "resolution_note_markdown", "escalate": "escalation_package_markdown"}
+
+
+@dataclass
+class Outcome:
+    job_id: int
+    status: str  # succeeded | verification_failed | failed | retry | skipped
+    message: str = ""
+    delay: float = 0.0
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def execute(job_id: int, task_id: str | None = None, worker: str | None = None,
+            policy: RetryPolicy | None = None, kind: str | None = None) -> Outcome:
+    token = uuid.uuid4().hex
+    claimed = store.claim(job_id, token, task_id, worker, kind)
+    if isinstance(claimed, ClaimRefusal):
+        return _refused(claimed)
+    policy = policy or RetryPolicy.from_env()
+    log.info("claimed job %s attempt %s", job_id, claimed.attempt_no,
+             extra={"job_id": job_id, "step": "claim", "attempt": claimed.attempt_no})
+    try:
+        return _run(claimed, policy)
+    except LeaseLost as err:
+        log.warning("%s; stopping without further writes", err, extra={"job_id": job_id})
+        return Outcome(job_id, "skipped", str(err))
+
+
+def _refused(refusal: ClaimRefusal) -> Outcome:
+    # Duplicate or early messages land here; they change nothing.
+    messages = {"missing": "job row does not exist",
+                "wrong_kind": f"job is a {refusal.state} job; send it to writeback.{refusal.state}", "terminal": f"job already {refusal.state}",
+                "running": "job is running elsewhere", "blocked": "an earlier job for the same ticket is not finished",
+                "not_due": f"job is not due for {refusal.due_in:.1f}s"}
+    return Outcome(refusal.job_id, "skipped", messages[refusal.reason], delay=refusal.due_in,
+                   result={"refused": refusal.reason})
+
+
+def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
+    if job.credentials is None:
+        return _finish_local(job)
+    step = "note"
+    try:
+        provider = provider_for(job.provider or "", job.credentials)
+        note = None
+        if job.markdown is not None:
+            note = steps.post_note_once(
+                provider, job,
+                record_intent=lambda ids: store.record_note_intent(job, ids),
+                record_posted=lambda ext, adopted: store.record_note_posted(job, ext, adopted))
+            log.info("note %s on ticket %s", "adopted" if note.adopted else "posted", job.ticket_id,
+                     extra={"job_id": job.id, "step": "post", "note_id": note.external_id})
+        if job.target_status_id is None:
+            return _finish_without_transition(job, note)
+        step = "transition"
+        assert job.ticket_id is not None
+        transition = steps.transition_and_verify(provider, job.ticket_id, job.target_status_id)
+        return _finish_transition(job, note, transition)
+    except PsaError as err:
+        return _psa_error(job, err, step, policy)
+    except (ConfigurationError, ValueError) as err:
+        return _fail(job, f"configuration error: {err}", err, step)
+
+
+def _note_result(note: steps.NoteResult | None) -> dict[str, Any] | None:
+    return None if note is None else {"external_id": note.external_id, "adopted": note.adopted}
+
+
+def _finish_local(job: ClaimedJob) -> Outcome:
+    result = {"outcome": "local", "note": None, "status": None, "status_transition_skipped_reason":
+              "no PSA is linked to the session; the markdown was stored locally"}
+    session_values = {_LOCAL_MARKDOWN[job.kind]: job.markdown, "status": _LOCAL_STATUS[job.kind].value}
+    store.finish(job, JobState.SUCCEEDED, AttemptOutcome.SUCCEEDED, result=result, session_values=session_values)
+    return _done(job, JobState.SUCCEEDED, result)
+
+
+def _finish_without_transition(job: ClaimedJob, note: steps.NoteResult | None) -> Outcome:
+    reason = job.transition_skipped_reason
+    result = {"outcome": "transition_skipped" if reason else "note_posted", "note": _note_result(note),
+              "status": None, "status_transition_skipped_reason": reason}
+    done = _DONE_STATUS.get(job.kind)
+    store.finish(job, JobState.SUCCEEDED, AttemptOutcome.SUCCEEDED, result=result,
+                 session_values={"status": done.value} if done else None)
+    return _done(job, JobState.SUCCEEDED, result)
+
+
+def _finish_transition(job: ClaimedJob, note: steps.NoteResult | None, t: steps.TransitionResult) -> Outcome:
+    now = utcnow()
+    status = {"expected_id": t.expected_id, "expected_name": t.expected_name, "observed_id": t.observed.status_id,
+              "observed_name": t.observed.status_name, "patched": t.patched,
+              "verified_at": now.isoformat() if t.verified else None}
+    result = {"outcome": "verified" if t.verified else "verification_failed", "note": _note_result(note),
+              "status": status, "status_transition_skipped_reason": None}
+    columns = dict(expected_status_id=t.expected_id, expected_status_name=t.expected_name,
+                   observed_status_id=t.observed.status_id, observed_status_name=t.observed.status_name,
+                   status_patched=t.patched)
+    if t.verified:
+        session_values = {"psa_status_id": t.observed.status_id, "psa_status_name": t.observed.status_name,
+                          "psa_status_verified_at": now}
+        if done := _DONE_STATUS.get(job.kind):
+            session_values["status"] = done.value
+        store.finish(job, JobState.SUCCEEDED, AttemptOutcome.SUCCEEDED, result=result, session_values=session_values,
+                     verified_at=now, **columns)
+        return _done(job, JobState.SUCCEEDED, result)
+    message = (f"ticket {job.ticket_id}: expected status {t.expected_id} ({t.expected_name or 'unknown name'}), "
+               f"observed {t.observed.status_id} ({t.observed.status_name or 'unknown name'}) after the PSA "
+               "accepted the change")
+    store.finish(job, JobState.VERIFICATION_FAILED, AttemptOutcome.VERIFICATION_FAILED, result=result,
+                 error=message, step="verify", **columns)
+    log.error("verification failed for job %s: %s", job.id, message, extra={"job_id": job.id, "step": "verify"})
+    return _done(job, JobState.VERIFICATION_FAILED, result, message)
+
+
+def _psa_error(job: ClaimedJob, err: PsaError, step: str, policy: RetryPolicy) -> Outcome:
+    if isinstance(err, PsaAuthError):
+        events.emit("psa_auth_failed", connection_id=job.connection_id, account_id=job.account_id,
+                    provider=job.provider, job_id=job.id, message=str(err))
+    if not err.retryable:
+        return _fail(job, str(err), err, step)
+    if job.attempt_no >= job.max_attempts:
+        return _fail(job, f"gave up after {job.attempt_no} attempts; last error: {err}", err, step)
+    delay = policy.delay(job.attempt_no, err)
+    store.schedule_retry(job, delay, err, err.status_code, step)
+    log.warning("attempt %s of job %s failed (%s); retrying in %.1fs", job.attempt_no, job.id, err, delay,
+                extra={"job_id": job.id, "step": step})
+    events.emit("job_retry_scheduled", job_id=job.id, kind=job.kind, provider=job.provider,
+                attempt=job.attempt_no, delay=delay, error_type=type(err).__name__)
+    return Outcome(job.id, "retry", str(err), delay=delay)
+
+
+def _fail(job: ClaimedJob, message: str, err: BaseException, step: str) -> Outcome:
+    result = {"outcome": "failed", "error": {"type": type(err).__name__, "message": message[:2000]}}
+    store.finish(job, JobState.FAILED, AttemptOutcome.FAILED, result=result, error=message, step=step,
+                 http_status=getattr(err, "status_code", None))
+    log.error("job %s failed: %s", job.id, message, extra={"job_id": job.id, "step": step})
+    return _done(job, JobState.FAILED, result, message)
+
+
+def _done(job: ClaimedJob, state: JobState, result: dict[str, Any], message: str = "") -> Outcome:
+    events.emit("job_finished", job_id=job.id, kind=job.kind, state=state.value, result=result,
+                error_message=message or None, provider=job.provider, account_id=job.account_id,
+                ticket_id=job.ticket_id, connection_id=job.connection_id, attempts=job.attempt_no)
+    return Outcome(job.id, state.value, message, result=result)

@@ -1,0 +1,104 @@
+"""The two domain steps of a writeback, as plain functions over a Provider.
+
+Note step and idempotency. No PSA accepts an idempotency key for notes, so a POST that
+may have reached the PSA (a timeout, a reset, a worker killed mid-call) is never repeated
+blind. Before the *first* POST we list the ticket's recent notes and remember which ones
+already carry exactly our text (the baseline, normally empty) and commit that as the
+"intent". Any later execution that finds the intent lists the notes again: a note with
+our exact text and visibility that is not in the baseline is ours, and we adopt its id
+instead of posting again.
+
+Why exact text and not a marker: the resolution note is customer-visible and must read as
+the engineer wrote it; a marker would show in the portal and in emails. Exact text plus
+visibility plus "not there before our first attempt" identifies our note without touching
+its content, for internal notes too (one rule, one code path).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_fixed
+
+from models.enums import NoteState, NoteVisibility
+from providers.base import PostedNote, Provider, Ticket
+from tasks.store import ClaimedJob
+
+RECENT_NOTES = 50
+
+
+def normalise(text: str) -> str:
+    # CW trims trailing whitespace and may rewrite line endings; compare what survives.
+    return "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").strip().split("\n"))
+
+
+def _ours(note: PostedNote, text: str, visibility: NoteVisibility) -> bool:
+    return note.visibility is visibility and normalise(note.text) == normalise(text)
+
+
+@dataclass(frozen=True)
+class NoteResult:
+    external_id: str
+    adopted: bool
+
+
+def post_note_once(provider: Provider, job: ClaimedJob, *, record_intent: Callable[[list[str]], None],
+                   record_posted: Callable[[str, bool], object]) -> NoteResult:
+    assert job.ticket_id is not None and job.markdown is not None and job.note_visibility is not None
+    visibility = NoteVisibility(job.note_visibility)
+    if job.note_state == NoteState.POSTED.value and job.note_external_id:
+        return NoteResult(job.note_external_id, adopted=False)
+    recent = provider.list_recent_notes(job.ticket_id, RECENT_NOTES)
+    if job.note_state == NoteState.INTENT.value:
+        baseline = set(job.note_baseline_ids)
+        found = next((n for n in recent if _ours(n, job.markdown, visibility) and n.id not in baseline), None)
+        if found is not None:
+            record_posted(found.id, True)
+            return NoteResult(found.id, adopted=True)
+    else:
+        record_intent([n.id for n in recent if _ours(n, job.markdown, visibility)])
+    note = provider.post_note(job.ticket_id, job.markdown, visibility)
+    record_posted(note.id, False)
+    return NoteResult(note.id, adopted=False)
+
+
+@dataclass(frozen=True)
+class TransitionResult:
+    verified: bool
+    patched: bool
+    expected_id: int
+    expected_name: str | None
+    observed: Ticket
+
+
+def verify_reads() -> tuple[int, float]:
+    return int(os.environ.get("VERIFY_READS", "3")), float(os.environ.get("VERIFY_INTERVAL_SECONDS", "1.0"))
+
+
+def transition_and_verify(provider: Provider, ticket_id: int, target: int) -> TransitionResult:
+    """Read, PATCH only if needed, then re-read until the status shows (a few quick reads:
+    some PSAs apply workflow asynchronously). Never PATCHes twice in one execution."""
+    before = provider.get_ticket(ticket_id)
+    patched = before.status_id != target
+    if patched:
+        provider.update_status(ticket_id, target)
+    reads, interval = verify_reads()
+    # Re-read until it shows; when the reads run out, keep the last ticket we saw.
+    rereads = Retrying(stop=stop_after_attempt(max(reads, 1)), wait=wait_fixed(interval),
+                       retry=retry_if_result(lambda t: t.status_id != target),
+                       retry_error_callback=lambda state: state.outcome.result())
+    observed = rereads(provider.get_ticket, ticket_id)
+    verified = observed.status_id == target
+    expected_name = observed.status_name if verified else _status_name(provider, observed.board_id, target)
+    return TransitionResult(verified, patched, target, expected_name, observed)
+
+
+def _status_name(provider: Provider, board_id: int | None, status_id: int) -> str | None:
+    """Best effort, only on the failure path: the alert should say the expected name too."""
+    if board_id is None:
+        return None
+    try:
+        return next((s.name for s in provider.list_statuses(board_id) if s.id == status_id), None)
+    except Exception:
+        return None

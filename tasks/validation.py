@@ -1,0 +1,95 @@
+"""Input validation for every public entry point (enqueue API, tasks by name, CLI)."""
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Any
+
+from models.enums import JobKind, NoteVisibility
+from tasks.errors import RequestError
+
+MAX_MARKDOWN_CHARS = 60_000
+MAX_IDEMPOTENCY_KEY = 255
+# Tabs and newlines are text; other C0/C1 controls are almost always a paste accident or
+# an attack on a downstream renderer, and CW rejects some of them outright.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def positive_int(value: Any, field: str) -> int:
+    # bool is an int subclass; True must not become ticket 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
+        else:
+            raise RequestError(f"{field} must be a positive integer, got {_describe(value)}", field=field)
+    if value <= 0:
+        raise RequestError(f"{field} must be a positive integer, got {value}", field=field)
+    if value > 2**63 - 1:
+        raise RequestError(f"{field} is out of range", field=field)
+    return value
+
+
+def markdown(value: Any, field: str = "markdown") -> str:
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(f"{field} is not valid UTF-8", field=field) from None
+    if not isinstance(value, str):
+        raise RequestError(f"{field} must be a string, got {_describe(value)}", field=field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{field} is not valid UTF-8 (lone surrogate characters)", field=field) from None
+    if not value.strip():
+        raise RequestError(f"{field} is empty: there is nothing to post", field=field)
+    if len(value) > MAX_MARKDOWN_CHARS:
+        raise RequestError(f"{field} is {len(value)} characters; the limit is {MAX_MARKDOWN_CHARS}", field=field)
+    if m := _CONTROL.search(value):
+        raise RequestError(f"{field} contains a control character (U+{ord(m.group()):04X}) at position {m.start()}",
+                           field=field)
+    return unicodedata.normalize("NFC", value.replace("\r\n", "\n"))
+
+
+def visibility(value: Any) -> NoteVisibility:
+    try:
+        return NoteVisibility(value)
+    except ValueError:
+        allowed = ", ".join(v.value for v in NoteVisibility)
+        raise RequestError(f"visibility must be one of {allowed}, got {_describe(value)}", field="visibility") from None
+
+
+def kind(value: Any) -> JobKind:
+    try:
+        return JobKind(value)
+    except ValueError:
+        allowed = ", ".join(v.value for v in JobKind)
+        raise RequestError(f"kind must be one of {allowed}, got {_describe(value)}", field="kind") from None
+
+
+def idempotency_key(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or not value.isprintable():
+        raise RequestError("idempotency_key must be a non-empty printable string", field="idempotency_key")
+    if len(value) > MAX_IDEMPOTENCY_KEY:
+        raise RequestError(f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters", field="idempotency_key")
+    return value
+
+
+def only_known(payload: Any, allowed: set[str], required: set[str]) -> dict[str, Any]:
+    """Task payloads come from other codebases: reject typos instead of ignoring them."""
+    if not isinstance(payload, dict):
+        raise RequestError(f"arguments must be a JSON object, got {_describe(payload)}")
+    unknown = sorted(set(payload) - allowed)
+    if unknown:
+        raise RequestError(f"unknown argument(s): {', '.join(unknown)}; expected {', '.join(sorted(allowed))}")
+    missing = sorted(required - set(payload))
+    if missing:
+        raise RequestError(f"missing required argument(s): {', '.join(missing)}", field=missing[0])
+    return payload
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
