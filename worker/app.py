@@ -4,4 +4,7 @@ from celery import Celery
 
 app = Celery("psa_writeback")
 app.config_from_object("celeryconfig")
-app.conf.include = ["tasks.writeback"]
+# Modules whose tasks this worker serves (one per line: helpers add theirs).
+app.conf.include = [
+    "tasks.writeback",
+]

@@ -1,0 +1,69 @@
+"""Fixtures: real PostgreSQL, real Redis, a real worker process, the simulator over HTTP.
+
+Environment is set before anything imports celeryconfig, so this process (the publisher)
+and the worker subprocess agree on broker and database.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import redis
+
+from tests import harness
+
+_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "11"))
+BROKER_URL = f"{harness.REDIS_BASE}/{_REDIS_DB}"
+DATABASE_URL = harness.create_database()
+os.environ.update(harness.TEST_ENV)
+os.environ["DATABASE_URL"] = DATABASE_URL
+os.environ["CELERY_BROKER_URL"] = BROKER_URL
+
+from models.db import get_engine  # noqa: E402
+from models.migrate import upgrade  # noqa: E402
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    redis.Redis.from_url(BROKER_URL).flushdb()
+    upgrade(DATABASE_URL)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    get_engine().dispose()
+    harness.drop_database(DATABASE_URL)
+
+
+@pytest.fixture(scope="session")
+def worker_env() -> dict[str, str]:
+    return dict(os.environ)
+
+
+@pytest.fixture(scope="session")
+def worker(worker_env):
+    """One threads-pool worker for the suite; tests that kill workers start their own."""
+    proc = harness.WorkerProcess(worker_env, concurrency=8).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture()
+def db_clean():
+    harness.truncate_all(get_engine())
+    yield
+
+
+@pytest.fixture()
+def sim():
+    from providers.simulators.connectwise import SimulatorServer
+
+    server = SimulatorServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def world(db_clean, sim):
+    """An account with a ConnectWise connection to the simulator and status preferences."""
+    from tests.factories import World
+
+    return World.create(sim)
