@@ -156,8 +156,8 @@ def _psa_error(job: ClaimedJob, err: PsaError, step: str, policy: RetryPolicy) -
 
 def _fail(job: ClaimedJob, message: str, err: BaseException, step: str) -> Outcome:
     result = {"outcome": "failed", "error": {"type": type(err).__name__, "message": message[:2000]}}
-    store.finish(job, JobState.FAILED, AttemptOutcome.FAILED, result=result, error=message, step=step,
-                 http_status=getattr(err, "status_code", None))
+    store.finish(job, JobState.FAILED, AttemptOutcome.FAILED, result=result, error=(type(err).__name__, message),
+                 step=step, http_status=getattr(err, "status_code", None))
     log.error("job %s failed: %s", job.id, message, extra={"job_id": job.id, "step": step})
     return _done(job, JobState.FAILED, result, message)
 

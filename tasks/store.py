@@ -185,7 +185,7 @@ def _session_note_columns(kind: str) -> tuple[str, str, str] | None:
 
 @db_retry
 def finish(job: ClaimedJob, state: JobState, outcome: AttemptOutcome, *, result: dict[str, Any],
-           session_values: dict[str, Any] | None = None, error: BaseException | str | None = None,
+           session_values: dict[str, Any] | None = None, error: BaseException | str | tuple[str, str] | None = None,
            http_status: int | None = None, step: str | None = None, **job_values: Any) -> None:
     """The terminal write: job state + result, session columns, the attempt's outcome."""
     now = utcnow()
@@ -210,16 +210,20 @@ def schedule_retry(job: ClaimedJob, delay: float, error: BaseException, http_sta
     return due
 
 
-def _error_columns(error: BaseException | str | None) -> dict[str, Any]:
+def _error_columns(error: BaseException | str | tuple[str, str] | None) -> dict[str, Any]:
+    """An exception, a bare message, or (error type, message) when the message is ours."""
     if error is None:
         return {"error_type": None, "error_message": None}
+    if isinstance(error, tuple):
+        return {"error_type": error[0], "error_message": error[1][:ERROR_MESSAGE_LIMIT]}
     if isinstance(error, str):
         return {"error_type": "error", "error_message": error[:ERROR_MESSAGE_LIMIT]}
     return {"error_type": type(error).__name__, "error_message": str(error)[:ERROR_MESSAGE_LIMIT]}
 
 
 def _close_attempt(db: Session, job: ClaimedJob, outcome: AttemptOutcome, now: dt.datetime,
-                   error: BaseException | str | None, http_status: int | None, step: str | None) -> None:
+                   error: BaseException | str | tuple[str, str] | None, http_status: int | None,
+                   step: str | None) -> None:
     A = WritebackAttempt
     started = db.scalar(select(A.started_at).where(A.job_id == job.id, A.attempt_no == job.attempt_no))
     duration = int((now - _aware(started)).total_seconds() * 1000) if started else None
