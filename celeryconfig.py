@@ -42,6 +42,9 @@ if broker_url:
         "retry_on_timeout": True,
         "max_retries": 3,  # bound producer publish retries; the sweeper covers the rest
     }
+    if os.environ.get("CELERY_REDIS_KEY_PREFIX"):
+        # Lets several deployments (or concurrent test runs) share one Redis database.
+        broker_transport_options["global_keyprefix"] = os.environ["CELERY_REDIS_KEY_PREFIX"]
 else:
     broker_url, broker_transport_options = _embedded_broker()
 

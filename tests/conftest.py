@@ -18,17 +18,21 @@ DATABASE_URL = harness.create_database()
 os.environ.update(harness.TEST_ENV)
 os.environ["DATABASE_URL"] = DATABASE_URL
 os.environ["CELERY_BROKER_URL"] = BROKER_URL
+# Concurrent test runs share the Redis database; a per-run key prefix keeps their queues apart.
+os.environ["CELERY_REDIS_KEY_PREFIX"] = f"pswb-test-{os.getpid()}:"
 
 from models.db import get_engine  # noqa: E402
 from models.migrate import upgrade  # noqa: E402
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    redis.Redis.from_url(BROKER_URL).flushdb()
     upgrade(DATABASE_URL)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    client = redis.Redis.from_url(BROKER_URL)
+    for key in client.scan_iter(match=os.environ["CELERY_REDIS_KEY_PREFIX"] + "*", count=1000):
+        client.delete(key)
     get_engine().dispose()
     harness.drop_database(DATABASE_URL)
 

@@ -90,6 +90,7 @@ def test_send_task_by_name_with_intent_reaches_terminal_state(world, worker):
     # The web tier does not import our code: it sends the documented name and JSON kwargs.
     sid = world.session(5006)
     client = Celery(broker=worker.env["CELERY_BROKER_URL"])
+    client.conf.broker_transport_options = {"global_keyprefix": worker.env["CELERY_REDIS_KEY_PREFIX"]}
     client.send_task("writeback.resolve", kwargs={"session_id": sid, "markdown": "Sent by name."},
                      queue="writeback")
     from tests.harness import wait_for
