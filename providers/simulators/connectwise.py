@@ -53,6 +53,7 @@ class SimState:
     private_key: str = "fake-private"
     client_id: str = "00000000-0000-0000-0000-00000000c11e"
     latency: float = 0.0
+    auto_create_tickets: bool = False  # benchmarks: any ticket id exists, in status 1 on board 1
     boards: dict[int, dict[int, tuple[str, bool]]] = field(default_factory=lambda: {1: dict(DEFAULT_STATUSES)})
     tickets: dict[int, dict[str, Any]] = field(default_factory=dict)
     faults: list[FaultRule] = field(default_factory=list)
@@ -194,6 +195,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return 200, [{"id": sid, "name": n, "closedStatus": c, "inactive": False,
                               "board": {"id": board_id}} for sid, (n, c) in statuses.items()]
             ticket = state.tickets.get(ticket_id or -1)
+            if ticket is None and state.auto_create_tickets and ticket_id:
+                state.add_ticket(ticket_id)
+                ticket = state.tickets[ticket_id]
             if ticket is None:
                 return 404, {"code": "NotFound", "message": f"Ticket {ticket_id} not found"}
             if operation == "get_ticket":
@@ -350,9 +354,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the ConnectWise simulator on loopback.")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every call")
+    parser.add_argument("--auto-tickets", action="store_true", help="create unknown tickets on first use")
     args = parser.parse_args(argv)
     server = SimulatorServer(port=args.port)
     server.state.latency = args.latency
+    server.state.auto_create_tickets = args.auto_tickets
     print(json.dumps({"base_url": server.base_url, "root_url": server.root_url}), flush=True)
     try:
         server.serve_forever()
