@@ -69,11 +69,28 @@ def make_engine(url: str | None = None, *, pool_size: int | None = None) -> Engi
     )
 
 
+def _count_statements(engine: Engine, path: str) -> None:
+    """Benchmarks count SQL statements per job: tally this process's statements and write the
+    total to `path` at exit (PSA_WRITEBACK_SQL_COUNT_FILE)."""
+    import atexit
+    import json
+
+    counter = {"statements": 0}
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _tally(*_args):  # pragma: no cover - benchmark instrumentation
+        counter["statements"] += 1
+
+    atexit.register(lambda: Path(path).write_text(json.dumps(counter)))
+
+
 def get_engine() -> Engine:
     global _engine, _factory
     with _lock:
         if _engine is None:
             _engine = make_engine()
+            if os.environ.get("PSA_WRITEBACK_SQL_COUNT_FILE"):
+                _count_statements(_engine, os.environ["PSA_WRITEBACK_SQL_COUNT_FILE"])
             _factory = sessionmaker(_engine, expire_on_commit=False)
         return _engine
 
