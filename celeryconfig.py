@@ -41,6 +41,11 @@ if broker_url:
         "health_check_interval": 10,
         "retry_on_timeout": True,
         "max_retries": 3,  # bound producer publish retries; the sweeper covers the rest
+        # kombu scans for expired unacked messages every interval x throttle seconds (10 x 10
+        # by default): scan every 10 s so a dead worker's messages come back soon after the
+        # visibility timeout (the sweeper is the safety net either way).
+        "unacked_restore_interval": 10,
+        "unacked_restore_throttle": 1,
     }
     if os.environ.get("CELERY_REDIS_KEY_PREFIX"):
         # Lets several deployments (or concurrent test runs) share one Redis database.
@@ -71,6 +76,10 @@ task_soft_time_limit = _env_int("TASK_SOFT_TIME_LIMIT", 240)
 task_time_limit = _env_int("TASK_TIME_LIMIT", 300)
 worker_cancel_long_running_tasks_on_connection_loss = True
 broker_connection_retry_on_startup = True
+# Keep reconnecting to Redis however long it is away (default: give up after 100 tries and
+# exit). Jobs wait in the database meanwhile; the sweeper re-publishes them once it is back.
+broker_connection_max_retries = None
+broker_channel_error_retry = True
 
 worker_send_task_events = True
 task_send_sent_event = True

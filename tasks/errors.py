@@ -38,3 +38,12 @@ class VerificationFailed(Exception):
 
 class LeaseLost(Exception):
     """Another execution owns the job now (our lease expired); stop without writing."""
+
+
+class WorkerLost(Exception):
+    """Executions of the job ended without an outcome until its attempts ran out."""
+
+
+class PoisonMessage(Exception):
+    """A task message that can never be executed (its job row is gone, or it names a job
+    of another kind). Raised so Flower shows FAILURE with the reason; never retried."""

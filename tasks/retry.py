@@ -6,7 +6,11 @@ import os
 import random
 from dataclasses import dataclass
 
-from providers.errors import PsaError
+from providers.errors import PsaError, PsaRateLimited, PsaRecordBusy
+
+
+def _read_timeout() -> float:
+    return float(os.environ.get("PSA_READ_TIMEOUT", "30"))
 
 
 @dataclass(frozen=True)
@@ -15,6 +19,10 @@ class RetryPolicy:
     factor: float = 2.0
     max_delay_seconds: float = 1800.0
     max_attempts: int = 8
+    # After a POST whose outcome we did not see, wait at least this long before the next
+    # execution lists the notes: a PSA that was still working on it when our read timed
+    # out gets that long again to finish, so the reconcile sees the note (tasks.steps).
+    post_settle_seconds: float = 30.0
 
     @classmethod
     def from_env(cls) -> "RetryPolicy":
@@ -22,15 +30,26 @@ class RetryPolicy:
         return cls(base_seconds=float(os.environ.get("RETRY_BASE_SECONDS", "30")),
                    factor=float(os.environ.get("RETRY_FACTOR", "2")),
                    max_delay_seconds=float(os.environ.get("RETRY_MAX_DELAY_SECONDS", "1800")),
-                   max_attempts=int(os.environ.get("RETRY_MAX_ATTEMPTS", "8")))
+                   max_attempts=int(os.environ.get("RETRY_MAX_ATTEMPTS", "8")),
+                   post_settle_seconds=float(os.environ.get("POST_SETTLE_SECONDS", str(_read_timeout()))))
 
     def delay(self, attempt: int, error: PsaError | None = None, rng: random.Random | None = None) -> float:
         """Delay after failed attempt number `attempt` (1-based): exponential with "equal
         jitter" (half fixed, half random) so a burst of failures does not retry in step.
-        A vendor Retry-After is a floor: asking sooner just earns another 429."""
+        A vendor Retry-After is a floor: asking sooner just earns another 429. So is the
+        settle time after a POST that may have been applied."""
         rng = rng or random
         ceiling = min(self.max_delay_seconds, self.base_seconds * self.factor ** max(attempt - 1, 0))
         delay = ceiling / 2 + rng.uniform(0, ceiling / 2)
         if error is not None and error.retry_after is not None:
             delay = max(delay, min(error.retry_after, self.max_delay_seconds))
+        if error is not None and post_may_have_landed(error):
+            delay = max(delay, self.post_settle_seconds)
         return delay
+
+
+def post_may_have_landed(error: PsaError) -> bool:
+    """A failed POST of a note whose effect we cannot rule out: timeouts, resets, 5xx. A 429
+    or a 409 is the PSA refusing before doing anything."""
+    return (error.operation == "post_note" and error.retryable
+            and not isinstance(error, (PsaRateLimited, PsaRecordBusy)))

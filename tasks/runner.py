@@ -16,7 +16,7 @@ from models.crypto import ConfigurationError
 from providers import provider_for
 from providers.errors import PsaAuthError, PsaError
 from tasks import events, steps, store
-from tasks.errors import LeaseLost
+from tasks.errors import LeaseLost, WorkerLost
 from tasks.retry import RetryPolicy
 from tasks.store import ClaimedJob, ClaimRefusal
 
@@ -46,6 +46,15 @@ def execute(job_id: int, task_id: str | None = None, worker: str | None = None,
     log.info("claimed job %s attempt %s", job_id, claimed.attempt_no,
              extra={"job_id": job_id, "step": "claim", "attempt": claimed.attempt_no})
     try:
+        if claimed.attempt_no > claimed.max_attempts:
+            # Only executions that died without an outcome get here (a retry that would
+            # exceed the limit fails instead of scheduling): a job that kills its worker
+            # every time must end, not loop through the sweeper forever.
+            return _fail(claimed, f"gave up after {claimed.attempt_no - 1} attempts: the last one ended without "
+                                  "an outcome (worker killed or lost mid-attempt)", WorkerLost(), "claim")
+        if claimed.setup_error is not None:
+            return _fail(claimed, f"configuration error: {claimed.setup_error}",
+                         ConfigurationError(claimed.setup_error), "claim")
         return _run(claimed, policy)
     except LeaseLost as err:
         log.warning("%s; stopping without further writes", err, extra={"job_id": job_id})
@@ -63,7 +72,7 @@ def _refused(refusal: ClaimRefusal) -> Outcome:
 
 
 def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
-    if job.credentials is None:
+    if job.connection_id is None:
         return _finish_local(job)
     step = "note"
     try:
@@ -80,12 +89,22 @@ def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
             return _finish_without_transition(job, note)
         step = "transition"
         assert job.ticket_id is not None
+        store.renew_lease(job)
         transition = steps.transition_and_verify(provider, job.ticket_id, job.target_status_id)
         return _finish_transition(job, note, transition)
     except PsaError as err:
         return _psa_error(job, err, step, policy)
     except (ConfigurationError, ValueError) as err:
         return _fail(job, f"configuration error: {err}", err, step)
+    except LeaseLost:
+        raise
+    except Exception as err:
+        if store.transient_db_error(err):
+            raise  # the database is away: the lease and the sweeper bring the job back
+        # A bug or a row no code path expects: retrying would fail the same way, so stop
+        # now with the reason rather than loop until the attempts run out.
+        log.exception("job %s: unexpected error in the %s step", job.id, step, extra={"job_id": job.id})
+        return _fail(job, f"internal error in the {step} step: {type(err).__name__}: {err}", err, step)
 
 
 def _note_result(note: steps.NoteResult | None) -> dict[str, Any] | None:

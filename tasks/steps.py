@@ -8,10 +8,22 @@ already carry exactly our text (the baseline, normally empty) and commit that as
 our exact text and visibility that is not in the baseline is ours, and we adopt its id
 instead of posting again.
 
-Why exact text and not a marker: the resolution note is customer-visible and must read as
-the engineer wrote it; a marker would show in the portal and in emails. Exact text plus
-visibility plus "not there before our first attempt" identifies our note without touching
-its content, for internal notes too (one rule, one code path).
+How a note is recognised, and why:
+- By its content (normalised text + visibility), not by a marker. The resolution note is
+  customer-visible (portal, "send notes as email"): it must read exactly as the engineer
+  approved it. A marker, even an HTML comment or a zero-width character, shows up in
+  emails, in copy/paste and in CW's own markdown rendering. One rule for internal notes
+  too: one code path, nothing to get wrong per visibility.
+- "Not in the baseline" makes identical text safe: writebacks of one ticket run one at a
+  time in enqueue order (the claim), so an earlier job's identical note is already on the
+  ticket when this job takes its baseline, and is never mistaken for ours.
+- The only residual risk is a human posting our exact text, with the same visibility, on
+  the same ticket between our intent and our retry; we would adopt theirs instead of
+  posting (no duplicate, and the customer sees the text once). We accept that.
+- Timing: a POST whose reply we never saw may land late. The lease is renewed right before
+  every POST and outlasts the POST's timeouts (tasks.store.min_lease_seconds), and a retry
+  after an unanswered POST waits at least the read timeout (tasks.retry), so the next
+  execution lists the notes only once a late POST had time to land.
 """
 from __future__ import annotations
 
@@ -52,15 +64,23 @@ def post_note_once(provider: Provider, job: ClaimedJob, *, record_intent: Callab
     recent = provider.list_recent_notes(job.ticket_id, RECENT_NOTES)
     if job.note_state == NoteState.INTENT.value:
         baseline = set(job.note_baseline_ids)
-        found = next((n for n in recent if _ours(n, job.markdown, visibility) and n.id not in baseline), None)
+        # Oldest first: if a duplicate ever exists, every execution adopts the same note.
+        found = next((n for n in sorted(recent, key=_note_order) if _ours(n, job.markdown, visibility)
+                      and n.id not in baseline), None)
         if found is not None:
             record_posted(found.id, True)
             return NoteResult(found.id, adopted=True)
+        baseline_ids = list(job.note_baseline_ids)
     else:
-        record_intent([n.id for n in recent if _ours(n, job.markdown, visibility)])
+        baseline_ids = [n.id for n in recent if _ours(n, job.markdown, visibility)]
+    record_intent(baseline_ids)  # committed (with a fresh lease) before every POST
     note = provider.post_note(job.ticket_id, job.markdown, visibility)
     record_posted(note.id, False)
     return NoteResult(note.id, adopted=False)
+
+
+def _note_order(note: PostedNote) -> tuple[int, str]:
+    return (int(note.id), "") if note.id.isdigit() else (0, note.id)
 
 
 @dataclass(frozen=True)

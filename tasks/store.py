@@ -20,10 +20,12 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponen
 from models import (AiSession, AttemptOutcome, JobState, NoteState, PsaConnection, WritebackAttempt,
                     WritebackJob, utcnow)
 from models import crypto
+from models.crypto import ConfigurationError
 from models.db import session_scope
 from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
 from models.jobs import ERROR_MESSAGE_LIMIT
 from providers.base import Credentials
+from providers.http import timeouts
 from tasks.errors import LeaseLost
 
 log = logging.getLogger("psa_writeback.store")
@@ -34,17 +36,31 @@ _CLAIMABLE = [s.value for s in CLAIMABLE_STATES]
 DUE_TOLERANCE = dt.timedelta(seconds=1)
 
 
+def min_lease_seconds() -> float:
+    """The shortest safe lease. A killed execution's POST can still land after the kill
+    (the PSA keeps working on a request whose client is gone). The next execution may only
+    reconcile once that POST had time to land, and it can only start once the lease has
+    expired; the lease is renewed right before the POST, so it must outlast the POST's
+    connect + read timeout plus the same again as grace for a server still working on it."""
+    connect, read = timeouts()
+    return connect + 2 * read + 1
+
+
 def lease_seconds() -> float:
-    return float(os.environ.get("JOB_LEASE_SECONDS", "600"))
+    configured = float(os.environ.get("JOB_LEASE_SECONDS", "600"))
+    floor = min_lease_seconds()
+    if configured < floor:
+        log.warning("JOB_LEASE_SECONDS=%s is shorter than a PSA call can take; using %.0f s", configured, floor)
+    return max(configured, floor)
 
 
-def _transient_db_error(err: BaseException) -> bool:
+def transient_db_error(err: BaseException) -> bool:
     # pg_terminate_backend, failover, a dropped socket: the statement never ran or its
     # transaction rolled back, so running the same short transaction again is safe.
     return isinstance(err, OperationalError) or (isinstance(err, DBAPIError) and err.connection_invalidated)
 
 
-db_retry = retry(retry=retry_if_exception(_transient_db_error), stop=stop_after_attempt(6),
+db_retry = retry(retry=retry_if_exception(transient_db_error), stop=stop_after_attempt(6),
                  wait=wait_exponential(multiplier=0.2, max=5), reraise=True)
 
 
@@ -68,6 +84,9 @@ class ClaimedJob:
     target_status_id: int | None
     transition_skipped_reason: str | None
     credentials: Credentials | None
+    # Why this job can never run as stored (connection deleted, deactivated, keys that no
+    # longer decrypt): the runner fails it at once instead of retrying a setup problem.
+    setup_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,16 +116,19 @@ def claim(job_id: int, token: str, task_id: str | None, worker: str | None,
             and_(J.state == JobState.RUNNING.value, J.lease_until < now),
         )
         row = db.execute(
-            update(J).where(J.id == job_id, J.kind == kind if kind else J.id == job_id,
-                            or_(claimable, J.claimed_by == token), ~blocked)
+            update(J).where(J.id == job_id, J.kind == kind if kind else J.id == job_id, claimable, ~blocked)
             .values(state=JobState.RUNNING.value, claimed_by=token, attempts=J.attempts + 1,
                     lease_until=now + dt.timedelta(seconds=lease_seconds()),
                     started_at=func.coalesce(J.started_at, now), updated_at=now)
             .returning(J.attempts)
         ).first()
+        job = db.execute(select(J).where(J.id == job_id).execution_options(populate_existing=True)).scalar_one_or_none()
         if row is None:
-            return _refusal(db, job_id, now, kind)
-        job = db.execute(select(J).where(J.id == job_id).execution_options(populate_existing=True)).scalar_one()
+            if job is not None and job.claimed_by == token and job.state == JobState.RUNNING.value:
+                # db_retry ran us again after our commit landed but its reply was lost: the
+                # claim (and its attempt row) is ours already; do not count a second attempt.
+                return _snapshot(db, job, token)
+            return _refusal(job, job_id, now, kind)
         # An execution that died mid-attempt never wrote its outcome: say so in the history.
         db.execute(update(WritebackAttempt).where(WritebackAttempt.job_id == job_id,
                                                   WritebackAttempt.outcome == AttemptOutcome.RUNNING.value)
@@ -114,25 +136,35 @@ def claim(job_id: int, token: str, task_id: str | None, worker: str | None,
                            error_message="the execution stopped without recording an outcome (worker lost?)"))
         db.add(WritebackAttempt(job_id=job_id, attempt_no=job.attempts, celery_task_id=task_id, worker=worker,
                                 started_at=now))
-        connection = db.get(PsaConnection, job.psa_connection_id) if job.psa_connection_id else None
-        encrypted = (connection.base_url, connection.company_id, connection.client_id,
-                     connection.public_key_encrypted, connection.private_key_encrypted) if connection else None
-        snapshot = dict(id=job.id, kind=job.kind, token=token, attempt_no=job.attempts, max_attempts=job.max_attempts,
-                        session_id=job.session_id, account_id=job.account_id, provider=job.provider,
-                        connection_id=job.psa_connection_id, ticket_id=job.ticket_id, markdown=job.markdown,
-                        note_visibility=job.note_visibility, note_state=job.note_state,
-                        note_baseline_ids=list(job.note_baseline_ids or []), note_external_id=job.note_external_id,
-                        target_status_id=job.target_status_id,
-                        transition_skipped_reason=job.transition_skipped_reason)
-    creds = None
-    if encrypted is not None:  # decrypt outside the transaction; keys never touch the DB session
-        base_url, company, client, pub, priv = encrypted
-        creds = Credentials(base_url, company, client, crypto.decrypt(pub), crypto.decrypt(priv))
-    return ClaimedJob(credentials=creds, **snapshot)
+        return _snapshot(db, job, token)
 
 
-def _refusal(db: Session, job_id: int, now: dt.datetime, kind: str | None) -> ClaimRefusal:
-    job = db.get(WritebackJob, job_id)
+def _snapshot(db: Session, job: WritebackJob, token: str) -> ClaimedJob:
+    creds, setup_error = None, None
+    if job.psa_connection_id is not None:
+        connection = db.get(PsaConnection, job.psa_connection_id)
+        if connection is None:
+            setup_error = f"PSA connection {job.psa_connection_id} no longer exists"
+        elif not connection.is_active:
+            setup_error = f"PSA connection {job.psa_connection_id} was deactivated after the job was enqueued"
+        else:
+            try:  # keys are decrypted in the worker only, never logged, never stored elsewhere
+                creds = Credentials(connection.base_url, connection.company_id, connection.client_id,
+                                    crypto.decrypt(connection.public_key_encrypted),
+                                    crypto.decrypt(connection.private_key_encrypted))
+            except ConfigurationError as err:
+                setup_error = str(err)
+    return ClaimedJob(id=job.id, kind=job.kind, token=token, attempt_no=job.attempts, max_attempts=job.max_attempts,
+                      session_id=job.session_id, account_id=job.account_id, provider=job.provider,
+                      connection_id=job.psa_connection_id, ticket_id=job.ticket_id, markdown=job.markdown,
+                      note_visibility=job.note_visibility, note_state=job.note_state,
+                      note_baseline_ids=[str(i) for i in job.note_baseline_ids or []],
+                      note_external_id=job.note_external_id, target_status_id=job.target_status_id,
+                      transition_skipped_reason=job.transition_skipped_reason, credentials=creds,
+                      setup_error=setup_error)
+
+
+def _refusal(job: WritebackJob | None, job_id: int, now: dt.datetime, kind: str | None) -> ClaimRefusal:
     if job is None:
         return ClaimRefusal("missing", job_id)
     if kind and job.kind != kind:
@@ -140,25 +172,45 @@ def _refusal(db: Session, job_id: int, now: dt.datetime, kind: str | None) -> Cl
     if job.state in _TERMINAL:
         return ClaimRefusal("terminal", job_id, job.state)
     if job.state == JobState.RUNNING.value:
-        return ClaimRefusal("running", job_id, job.state)
-    if job.next_attempt_at > now + DUE_TOLERANCE:
-        return ClaimRefusal("not_due", job_id, job.state, (job.next_attempt_at - now).total_seconds())
+        # A live execution holds it; due_in says when its lease runs out, should it be dead.
+        left = (_aware(job.lease_until) - now).total_seconds() if job.lease_until else 0.0
+        return ClaimRefusal("running", job_id, job.state, max(left, 0.0))
+    if _aware(job.next_attempt_at) > now + DUE_TOLERANCE:
+        return ClaimRefusal("not_due", job_id, job.state, (_aware(job.next_attempt_at) - now).total_seconds())
     return ClaimRefusal("blocked", job_id, job.state)
 
 
-def _guarded(db: Session, job: ClaimedJob, **values: Any) -> None:
+def _guarded(db: Session, job: ClaimedJob, *, done_state: str | None = None, **values: Any) -> bool:
+    """Update the job only while this execution owns it. Returns False (and changes nothing)
+    when `done_state` is given and our own earlier commit of that state already landed: a
+    db_retry after a reply lost on a killed connection must not count as losing the lease."""
     J = WritebackJob
     res = db.execute(update(J).where(J.id == job.id, J.claimed_by == job.token, J.state == JobState.RUNNING.value)
                      .values(updated_at=utcnow(), **values))
-    if res.rowcount != 1:
-        raise LeaseLost(f"job {job.id}: another execution owns it now")
+    if res.rowcount == 1:
+        return True
+    if done_state is not None:
+        current = db.execute(select(J.state, J.claimed_by).where(J.id == job.id)).first()
+        if current is not None and current.claimed_by == job.token and current.state == done_state:
+            return False
+    raise LeaseLost(f"job {job.id}: another execution owns it now")
+
+
+@db_retry
+def renew_lease(job: ClaimedJob) -> None:
+    """Called before each step: the lease counts from the start of the step's PSA calls."""
+    with session_scope() as db:
+        _guarded(db, job, lease_until=utcnow() + dt.timedelta(seconds=lease_seconds()))
 
 
 @db_retry
 def record_note_intent(job: ClaimedJob, baseline_ids: list[str]) -> None:
-    """Committed *before* the POST: from here on, a repeat must look for the note first."""
+    """Committed *before* every POST: from here on, a repeat must look for the note first.
+    It renews the lease too, so a successor cannot start (and reconcile) until this POST
+    has had its whole timeout, and more, to land."""
     with session_scope() as db:
-        _guarded(db, job, note_state=NoteState.INTENT.value, note_baseline_ids=baseline_ids)
+        _guarded(db, job, note_state=NoteState.INTENT.value, note_baseline_ids=baseline_ids,
+                 lease_until=utcnow() + dt.timedelta(seconds=lease_seconds()))
 
 
 @db_retry
@@ -190,8 +242,9 @@ def finish(job: ClaimedJob, state: JobState, outcome: AttemptOutcome, *, result:
     """The terminal write: job state + result, session columns, the attempt's outcome."""
     now = utcnow()
     with session_scope() as db:
-        _guarded(db, job, state=state.value, result=result, finished_at=now, lease_until=None,
-                 **_error_columns(error), **job_values)
+        if not _guarded(db, job, done_state=state.value, state=state.value, result=result, finished_at=now,
+                        lease_until=None, **_error_columns(error), **job_values):
+            return  # already recorded by our own earlier try (see _guarded)
         if session_values:
             db.execute(update(AiSession).where(AiSession.id == job.session_id)
                        .values(updated_at=now, **session_values))
@@ -204,8 +257,9 @@ def schedule_retry(job: ClaimedJob, delay: float, error: BaseException, http_sta
     now = utcnow()
     due = now + dt.timedelta(seconds=delay)
     with session_scope() as db:
-        _guarded(db, job, state=JobState.RETRYING.value, next_attempt_at=due, lease_until=None,
-                 published_at=due, **_error_columns(error))
+        if not _guarded(db, job, done_state=JobState.RETRYING.value, state=JobState.RETRYING.value,
+                        next_attempt_at=due, lease_until=None, published_at=due, **_error_columns(error)):
+            return due
         _close_attempt(db, job, AttemptOutcome.RETRY, now, error, http_status, step)
     return due
 

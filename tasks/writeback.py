@@ -8,24 +8,35 @@ arguments, and writeback.sweep is the beat-driven re-publisher.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Reject
 
 from models import JobKind
 from models.db import session_scope
 from tasks import runner, store, sweeper
 from tasks import validation as v
 from tasks.enqueue import build_job, publish
-from tasks.errors import JobFailed, RequestError, VerificationFailed
+from tasks.errors import JobFailed, PoisonMessage, RequestError, VerificationFailed
 from worker.app import app
 
 log = logging.getLogger("psa_writeback.tasks")
 
-# Never publish a countdown close to the broker's visibility timeout (7200 s): Redis would
-# redeliver the waiting message early as a duplicate. Longer waits are the sweeper's job.
-MAX_COUNTDOWN = 1800
+# A message waiting out a countdown is "unacked" at Redis from the moment the worker takes
+# it; past the visibility timeout Redis hands out a second copy. Keep every countdown well
+# under it; longer waits are the sweeper's job (the row holds next_attempt_at).
+MAX_COUNTDOWN = 1800.0
+
+
+def max_countdown() -> float:
+    visibility = (app.conf.broker_transport_options or {}).get("visibility_timeout") or 3600
+    return max(1.0, min(MAX_COUNTDOWN, float(visibility) / 2))
+
+
+def db_outage_countdown() -> float:
+    return float(os.environ.get("DB_OUTAGE_RETRY_SECONDS", "10"))
+
 
 _INTENT_FIELDS = {
     JobKind.RESOLVE: ({"session_id", "markdown", "idempotency_key", "psa_connection_id", "max_attempts"},
@@ -54,30 +65,52 @@ def _job_from_intent(task: Task, kind: JobKind, intent: dict[str, Any]) -> int:
         return job.id
 
 
-def run_job(task: Task, kind: JobKind, job_id: Any, intent: dict[str, Any]) -> dict[str, Any]:
+def run_job(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any, intent: dict[str, Any]) -> dict[str, Any]:
     try:
-        if job_id is None:
-            job_id = _job_from_intent(task, kind, intent)
-        else:
-            if intent:
-                raise RequestError(f"pass either job_id or the intent, not both (got {', '.join(sorted(intent))})")
-            job_id = v.positive_int(job_id, "job_id")
+        job_id = _job_id(task, kind, args, job_id, intent)
+        outcome = runner.execute(job_id, task.request.id, task.request.hostname, kind=kind.value)
     except RequestError as err:
+        # Wrong arguments: nothing was written, and repeating the message cannot help.
         raise InvalidTaskArguments(f"{task.name}: {err.message}", field=err.field) from None
-    outcome = runner.execute(job_id, task.request.id, task.request.hostname, kind=kind.value)
+    except Exception as err:
+        if not store.transient_db_error(err):
+            raise
+        # The database is unreachable (db_retry already waited): come back later. Whatever
+        # this execution had claimed stays leased, so the retry (or the sweeper) resumes it.
+        log.warning("database unavailable for %s (%s); retrying the message", task.name, type(err).__name__)
+        raise task.retry(countdown=min(db_outage_countdown(), max_countdown()), exc=err, max_retries=None)
+    refused = outcome.result.get("refused")
+    if refused == "missing":
+        raise PoisonMessage(f"job {job_id} does not exist (deleted after it was published?); nothing to do")
+    if refused == "wrong_kind":
+        raise PoisonMessage(f"job {job_id}: {outcome.message}")
     if outcome.status == "retry" or (outcome.status == "skipped" and outcome.delay > 0):
-        # The job row already holds next_attempt_at; this message is just the wake-up call.
-        raise task.retry(countdown=min(outcome.delay, MAX_COUNTDOWN), max_retries=None)
+        # The job row already holds next_attempt_at (or a live lease): this message is just
+        # the wake-up call. A "running" refusal wakes up when that lease would run out, so a
+        # job whose worker died resumes without waiting for the sweeper.
+        raise task.retry(countdown=min(outcome.delay + (0.5 if refused == "running" else 0), max_countdown()),
+                         max_retries=None)
     if outcome.status in ("succeeded", "verification_failed", "failed"):
         _wake_next_on_ticket(job_id)
     if outcome.status == "failed":
         raise JobFailed(f"job {job_id} failed: {outcome.message}")
     if outcome.status == "verification_failed":
         raise VerificationFailed(f"job {job_id}: {outcome.message}")
-    if outcome.result.get("refused") == "wrong_kind":
-        raise Reject(f"job {job_id}: {outcome.message}", requeue=False)
     return {"job_id": job_id, "state": outcome.status, "outcome": outcome.result.get("outcome"),
             "detail": outcome.message or None}
+
+
+def _job_id(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any, intent: dict[str, Any]) -> int:
+    if args:
+        if len(args) > 1 or job_id is not None or intent:
+            raise RequestError(f"takes keyword arguments (job_id, or the intent); got {len(args)} positional "
+                               "argument(s)")
+        job_id = args[0]  # resolve.delay(17): a lone positional argument is the job id
+    if job_id is None:
+        return _job_from_intent(task, kind, intent)
+    if intent:
+        raise RequestError(f"pass either job_id or the intent, not both (got {', '.join(sorted(intent))})")
+    return v.positive_int(job_id, "job_id")
 
 
 def _wake_next_on_ticket(job_id: int) -> None:
@@ -86,29 +119,31 @@ def _wake_next_on_ticket(job_id: int) -> None:
         publish(*nxt)
 
 
-_TASK_OPTIONS = dict(bind=True, max_retries=None, acks_late=True, throws=(JobFailed, VerificationFailed))
+# `throws`: expected outcomes, logged without a traceback; the task still ends FAILURE.
+_TASK_OPTIONS = dict(bind=True, max_retries=None, acks_late=True,
+                     throws=(JobFailed, VerificationFailed, InvalidTaskArguments, PoisonMessage))
 
 
 @app.task(name="writeback.resolve", **_TASK_OPTIONS)
-def resolve(self: Task, job_id: int | None = None, **intent: Any) -> dict[str, Any]:
+def resolve(self: Task, *args: Any, job_id: Any = None, **intent: Any) -> dict[str, Any]:
     """Post a customer-visible resolution note, then move the ticket to the resolved status."""
-    return run_job(self, JobKind.RESOLVE, job_id, intent)
+    return run_job(self, JobKind.RESOLVE, args, job_id, intent)
 
 
 @app.task(name="writeback.escalate", **_TASK_OPTIONS)
-def escalate(self: Task, job_id: int | None = None, **intent: Any) -> dict[str, Any]:
+def escalate(self: Task, *args: Any, job_id: Any = None, **intent: Any) -> dict[str, Any]:
     """Post an internal-only handoff note, then move the ticket to the escalated status."""
-    return run_job(self, JobKind.ESCALATE, job_id, intent)
+    return run_job(self, JobKind.ESCALATE, args, job_id, intent)
 
 
 @app.task(name="writeback.post_note", **_TASK_OPTIONS)
-def post_note(self: Task, job_id: int | None = None, **intent: Any) -> dict[str, Any]:
-    return run_job(self, JobKind.POST_NOTE, job_id, intent)
+def post_note(self: Task, *args: Any, job_id: Any = None, **intent: Any) -> dict[str, Any]:
+    return run_job(self, JobKind.POST_NOTE, args, job_id, intent)
 
 
 @app.task(name="writeback.transition_status", **_TASK_OPTIONS)
-def transition_status(self: Task, job_id: int | None = None, **intent: Any) -> dict[str, Any]:
-    return run_job(self, JobKind.TRANSITION_STATUS, job_id, intent)
+def transition_status(self: Task, *args: Any, job_id: Any = None, **intent: Any) -> dict[str, Any]:
+    return run_job(self, JobKind.TRANSITION_STATUS, args, job_id, intent)
 
 
 @app.task(name="writeback.sweep", acks_late=False)
