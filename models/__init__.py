@@ -1,6 +1,7 @@
 """SQLAlchemy models, engine/session setup and migrations."""
 from models.accounts import AccountSettings, PsaConnection
 from models.base import Base, utcnow
+from models.drafts import AiSessionContext, AiSessionMessage, DraftKind, DraftPreview, DraftStatus
 from models.enums import (
     CLAIMABLE_STATES,
     TERMINAL_STATES,
@@ -15,7 +16,8 @@ from models.jobs import WritebackAttempt, WritebackJob
 from models.sessions import AiSession
 
 __all__ = [
-    "AccountSettings", "AiSession", "AttemptOutcome", "Base", "CLAIMABLE_STATES", "JobKind",
+    "AccountSettings", "AiSession", "AiSessionContext", "AiSessionMessage", "DraftKind", "DraftPreview",
+    "DraftStatus", "AttemptOutcome", "Base", "CLAIMABLE_STATES", "JobKind",
     "JobState", "NoteState", "NoteVisibility", "PsaConnection", "SessionStatus", "TERMINAL_STATES",
     "WritebackAttempt", "WritebackJob", "utcnow",
 ]

@@ -7,4 +7,5 @@ app.config_from_object("celeryconfig")
 # Modules whose tasks this worker serves (one per line: helpers add theirs).
 app.conf.include = [
     "tasks.writeback",
+    "tasks.drafting",
 ]
