@@ -2,10 +2,13 @@
 process, and the ConnectWise simulator. Imported by conftest; usable from bench/ too."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -67,11 +70,13 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], *, pool: str = "threads", concurrency: int = 8,
                  queues: str = "writeback", beat: bool = False, log_path: Path | None = None,
-                 extra: list[str] | None = None) -> None:
-        self.env = env
+                 extra: list[str] | None = None, app: str = "worker") -> None:
+        # Celery cannot tell `-P prefork` from its default and then lets the configured
+        # worker_pool (threads) win: say it in the environment too.
+        self.env = {**env, "WORKER_POOL": pool}
         self.log_path = log_path or Path(f"/tmp/pswb-worker-{uuid.uuid4().hex[:8]}.log")
         self.name = f"w{uuid.uuid4().hex[:6]}@%h"
-        self.args = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", pool, "-c", str(concurrency),
+        self.args = [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool, "-c", str(concurrency),
                      "-Q", queues, "-n", self.name, "-l", "INFO", "--without-gossip", "--without-mingle"]
         if beat:
             self.args += ["-B", "-s", str(self.log_path.with_suffix(".beat"))]
@@ -102,6 +107,15 @@ class WorkerProcess:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill_child(self) -> int:
+        """SIGKILL one pool child (prefork): MainProcess survives and sees WorkerLostError."""
+        [child, *_] = self.children()
+        os.kill(child, signal.SIGKILL)
+        return child
+
     def kill_group(self) -> None:
         """SIGKILL the whole process group: no warm shutdown, no message restored."""
         if self.proc and self.proc.poll() is None:
@@ -127,3 +141,217 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.1, message: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A private `redis-server` on a spare port, so a test can stop and restart its broker
+    without touching the machine's shared one. No persistence: a restart loses every
+    message, which is the worst case a broker outage can produce."""
+
+    def __init__(self, port: int | None = None, binary: str = os.environ.get("REDIS_SERVER", "/usr/bin/redis-server")):
+        self.port = port or free_port()
+        self.binary = binary
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10) -> "RedisServer":
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(self.ping, timeout=timeout, message=f"redis-server on port {self.port}")
+        return self
+
+    def ping(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(port=self.port, socket_connect_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: connections drop mid-command and every message in it is gone."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self) -> "RedisServer":
+        self.kill()
+        return self.start()
+
+    def stop(self) -> None:
+        self.kill()
+
+
+def kill_db_backends(database_url: str) -> int:
+    """pg_terminate_backend every other connection to the test database (the worker's and
+    this process's pooled ones alike). Returns how many were killed."""
+    name = database_url.rsplit("/", 1)[1]
+    conn = psycopg2.connect(ADMIN_URL.replace("postgresql+psycopg2://", "postgresql://"))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+            return int(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
+class TaskEvents:
+    """Celery task events as Flower sees them (task-received/succeeded/failed/retried...),
+    collected on a thread from the broker the worker publishes them to."""
+
+    def __init__(self, broker_url: str, transport_options: dict[str, Any] | None = None) -> None:
+        from celery import Celery
+
+        self.app = Celery(broker=broker_url)
+        self.app.conf.broker_transport_options = dict(transport_options or {})
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="celery-events", daemon=True)
+
+    def start(self) -> "TaskEvents":
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self.app.connection() as conn:
+                    self._recv = recv = self.app.events.Receiver(conn, handlers={"*": self._on_event})
+                    recv.on_iteration = self._ready.set  # called once subscribed, before each drain
+                    recv.should_stop = self._stop.is_set()
+                    recv.capture(limit=None, timeout=None, wakeup=False)
+            except Exception:  # a broker restart: listen again until stopped
+                time.sleep(0.2)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event.get("type", "").startswith("task-"):
+            with self._lock:
+                self.events.append(event)
+
+    def of(self, task_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [e for e in self.events if e.get("uuid") == task_id and (kind is None or e["type"] == kind)]
+
+    def stop(self) -> None:
+        self._stop.set()
+        if getattr(self, "_recv", None) is not None:
+            self._recv.should_stop = True
+        self._thread.join(5)
+
+
+@contextlib.contextmanager
+def publishing_to(broker_url: str):
+    """Point this process's Celery app (what the enqueue API publishes with) at another
+    broker for the duration, e.g. a private RedisServer that a test stops and restarts."""
+    from worker.app import app
+
+    saved = (app.conf.broker_url, app.conf.broker_transport_options)
+    options = {k: v for k, v in (saved[1] or {}).items() if k != "global_keyprefix"}
+
+    def _reset_pools() -> None:
+        if app._pool is not None:
+            app._pool.force_close_all()
+        app._pool = None
+        app.amqp._producer_pool = None
+
+    saved_env = os.environ.get("CELERY_BROKER_URL")
+    os.environ["CELERY_BROKER_URL"] = broker_url  # Celery's conf reads this before broker_url
+    app.conf.broker_url, app.conf.broker_transport_options = broker_url, options
+    _reset_pools()
+    try:
+        yield app
+    finally:
+        _reset_pools()
+        app.conf.broker_url, app.conf.broker_transport_options = saved
+        if saved_env is None:
+            os.environ.pop("CELERY_BROKER_URL", None)
+        else:
+            os.environ["CELERY_BROKER_URL"] = saved_env
+
+
+class TcpProxy:
+    """A TCP forwarder on a spare port, to put a network between the worker and a server
+    and then cut it: `down()` closes every connection and refuses new ones until `up()`."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def up(self) -> "TcpProxy":
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def down(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            listener.close()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:
+                    client.close()
+                    upstream.close()
+                    return
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
