@@ -6,9 +6,9 @@ CW does (Basic company+public:private, a clientId header), and injects faults:
 - `reject_status_changes` on a ticket: PATCH answers 200 with the new status in its body,
   but the stored status stays put (the "silent rejection" we exist to catch);
 - rules matched per operation, `times` times: `error` (status + CW error body +
-  Retry-After), `delay` (sleep *before* applying), `drop_after_apply` (apply, then close
-  the socket without a reply), `slow_after_apply` (apply, then sleep past the client's
-  timeout), `chaos` (a random share of calls fail as 5xx/429/drop/slow);
+  Retry-After, after `seconds` if set; nothing is applied), `delay` (sleep *before*
+  applying), `drop_after_apply` (apply, then close the socket without a reply),
+  `slow_after_apply` (apply, then sleep past the client's timeout), `chaos` (a random share of calls fail as 5xx/429/drop/slow);
 - `latency`: seconds added to every call (benchmarks).
 
 Control it in-process (`SimulatorServer.state`) or over HTTP under `/_sim/` (the demo and
@@ -144,6 +144,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(401, {"code": "Unauthorized", "message": "Invalid credentials or clientId"})
         rule = state.take_fault(operation, ticket_id)
         if rule is not None and rule.action == "error":
+            if rule.seconds:
+                time.sleep(rule.seconds)  # a slow failure: keeps the caller busy, then refuses
             return self._send(rule.status, rule.body or _error_body(rule.status),
                               {"Retry-After": str(rule.retry_after)} if rule.retry_after is not None else None)
         if rule is not None and rule.action == "delay":
