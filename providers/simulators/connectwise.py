@@ -8,7 +8,8 @@ CW does (Basic company+public:private, a clientId header), and injects faults:
 - rules matched per operation, `times` times: `error` (status + CW error body +
   Retry-After, after `seconds` if set; nothing is applied), `delay` (sleep *before*
   applying), `drop_after_apply` (apply, then close the socket without a reply),
-  `slow_after_apply` (apply, then sleep past the client's timeout), `chaos` (a random share of calls fail as 5xx/429/drop/slow);
+  `slow_after_apply` (apply, then sleep past the client's timeout), `chaos` (a random
+  share of calls fail as 5xx/429/drop/slow);
 - `latency`: seconds added to every call (benchmarks).
 
 Control it in-process (`SimulatorServer.state`) or over HTTP under `/_sim/` (the demo and
