@@ -95,4 +95,10 @@ beat_schedule = {
         "schedule": float(os.environ.get("SWEEP_INTERVAL_SECONDS", "15")),
         "options": {"expires": 60},
     },
+    # Stuck-job alerts, alerts a dead worker missed, lost alert-webhook deliveries (worker/alerts.py).
+    "writeback-check-stuck": {
+        "task": "writeback.check_stuck",
+        "schedule": float(os.environ.get("STUCK_CHECK_INTERVAL_SECONDS", "60")),
+        "options": {"expires": 120},
+    },
 }

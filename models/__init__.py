@@ -1,5 +1,6 @@
 """SQLAlchemy models, engine/session setup and migrations."""
 from models.accounts import AccountSettings, PsaConnection
+from models.alerts import Alert, AlertKind, DeliveryState, JobAction  # noqa: F401  (operations: alerts, operator actions)
 from models.base import Base, utcnow
 from models.drafts import AiSessionContext, AiSessionMessage, DraftKind, DraftPreview, DraftStatus
 from models.enums import (

@@ -1,0 +1,146 @@
+"""Structured logs: every line about a job carries job id, Celery task id, account,
+provider and ticket, as JSON (LOG_FORMAT=json) or as a `key=value` suffix on Celery's text.
+
+The context lives in a ContextVar: under the threads pool each task runs in its own thread,
+so each thread sees its own job. worker.signals binds it at task_prerun and clears it at
+task_postrun; a filter on every handler copies it onto the records, so the runner's own
+lines (`claimed job 12`) gain the fields without the runner knowing about any of this.
+
+What never reaches a line: the JSON formatter writes an allow-list of fields, never the
+record's whole __dict__ (Celery passes the task's kwargs, note markdown included, as
+`extra={"data": ...}` on its "received" line), and a last-resort scrubber blanks anything
+shaped like an Authorization header value.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
+
+CONTEXT_FIELDS = ("job_id", "task_id", "task_name", "account_id", "provider", "ticket_id")
+# Attributes our code passes with `extra=` that belong in a structured line (an allow-list).
+EXTRA_FIELDS = ("step", "attempt", "note_id", "operation", "http_status", "seconds", "state", "outcome", "kind",
+                "connection_id", "alert_id", "alert_kind", "error_type", "expected_status_id",
+                "observed_status_id", "delay", "count", "delivery")
+
+_context: ContextVar[dict[str, Any] | None] = ContextVar("psa_writeback_log_context", default=None)
+_resolving = threading.local()
+_job_resolver: Callable[[int], dict[str, Any] | None] | None = None
+
+# Anything shaped like a credential: an HTTP auth header value, or key=value / "key": "value"
+# for the names we use for secrets.
+_SECRET = re.compile(r"(?i)\b(basic|bearer)\s+[A-Za-z0-9+/=._~-]{8,}"
+                     r"|((?:private|public)_?key|password|secret|authorization)(['\"]?\s*[:=]\s*['\"]?)"
+                     r"(?:(?:basic|bearer)\s+)?[^\s'\",}]+")
+
+
+def bind(**values: Any) -> None:
+    """Add fields to this thread's log context (None values are ignored)."""
+    current = dict(_context.get() or {})
+    current.update({k: v for k, v in values.items() if v is not None})
+    _context.set(current)
+
+
+def clear() -> None:
+    _context.set(None)
+
+
+def current() -> dict[str, Any]:
+    return dict(_context.get() or {})
+
+
+def set_job_resolver(fn: Callable[[int], dict[str, Any] | None] | None) -> None:
+    """fn(job_id) -> {account_id, provider, ticket_id}: fills the context when a line names a
+    job the context does not know yet (a task sent with the intent instead of a job id)."""
+    global _job_resolver
+    _job_resolver = fn
+
+
+def scrub(text: str) -> str:
+    def _blank(m: re.Match[str]) -> str:
+        return f"{m.group(1)} [redacted]" if m.group(1) else f"{m.group(2)}{m.group(3)}[redacted]"
+    return _SECRET.sub(_blank, text)
+
+
+class ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = _context.get() or {}
+        job_id = getattr(record, "job_id", None)
+        if job_id is not None and ctx.get("job_id") != job_id:
+            ctx = self._resolve(job_id, ctx)
+        for name in CONTEXT_FIELDS:
+            if getattr(record, name, None) is None and ctx.get(name) is not None:
+                setattr(record, name, ctx[name])
+        message = record.getMessage()
+        if _SECRET.search(message):
+            record.msg, record.args = scrub(message), None
+        return True
+
+    @staticmethod
+    def _resolve(job_id: Any, ctx: dict[str, Any]) -> dict[str, Any]:
+        if _job_resolver is None or getattr(_resolving, "active", False):
+            return ctx
+        _resolving.active = True  # the lookup may log (SQLAlchemy); never recurse into it
+        try:
+            found = _job_resolver(int(job_id)) or {}
+        except Exception:
+            found = {}
+        finally:
+            _resolving.active = False
+        if ctx.get("job_id") is None:  # inside a task that had no job id yet: keep it for its next lines
+            bind(job_id=job_id, **found)
+        return {**ctx, "job_id": job_id, **found}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+        }
+        for name in CONTEXT_FIELDS + EXTRA_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                line[name] = value
+        if record.exc_info:
+            line["exc"] = scrub(self.formatException(record.exc_info))
+        return json.dumps(line, default=str)
+
+
+class ContextSuffixFormatter(logging.Formatter):
+    """Celery's own text format, plus ` | job_id=12 task_id=... step=claim`."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter("[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        pairs = [f"{n}={getattr(record, n)}" for n in CONTEXT_FIELDS + EXTRA_FIELDS
+                 if getattr(record, n, None) is not None and n != "task_name"]
+        if not pairs:
+            return text
+        head, sep, tail = text.partition("\n")  # keep a traceback below the line it belongs to
+        return f"{head} | {' '.join(pairs)}{sep}{tail}"
+
+
+def json_enabled() -> bool:
+    return os.environ.get("LOG_FORMAT", "text").strip().lower() == "json"
+
+
+def install(logger: logging.Logger) -> None:
+    """Give every handler of `logger` the context filter and our formatter (idempotent)."""
+    for handler in logger.handlers:
+        if not any(isinstance(f, ContextFilter) for f in handler.filters):
+            handler.addFilter(ContextFilter())
+        if json_enabled():
+            if not isinstance(handler.formatter, JsonFormatter):
+                handler.setFormatter(JsonFormatter())
+        elif not isinstance(handler.formatter, ContextSuffixFormatter):
+            handler.setFormatter(ContextSuffixFormatter(handler.formatter))
