@@ -17,6 +17,13 @@ Counters are per worker process: aggregate with sum() across workers in PromQL.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m worker.metrics`: run the importable module, so its
+    import sys  # metrics are defined (and registered) once, not once per module copy.
+
+    from worker.metrics import main as _main
+
+    sys.exit(_main())
+
 import argparse
 import logging
 import os
@@ -150,8 +157,9 @@ class QueueCollector(Collector):
             client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
             length = GaugeMetricFamily(f"{NS}_broker_queue_length", "Messages waiting in the Redis queue",
                                        labels=["queue"])
+            prefix = os.environ.get("CELERY_REDIS_KEY_PREFIX", "")  # celeryconfig's global_keyprefix
             for queue in ("writeback",):
-                length.add_metric([queue], client.llen(queue))
+                length.add_metric([queue], client.llen(prefix + queue))
             client.close()
         except Exception as err:
             log.warning("metrics scrape could not read the broker: %s", type(err).__name__)
@@ -182,6 +190,3 @@ def main(argv: list[str] | None = None) -> int:
     serve(args.port, args.addr)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -138,6 +138,19 @@ def submit(client: OpsClient, kind: str, session_id: int, markdown: str | None =
     return job_id
 
 
+def procfile_command(name: str) -> list[str]:
+    """A Procfile line as the process manager runs it: through a shell, with the project's
+    virtualenv first on PATH (as it is in a deployed image)."""
+    line = next(ln for ln in (ROOT / "Procfile").read_text().splitlines() if ln.startswith(f"{name}:"))
+    return ["bash", "-c", "exec " + line.split(":", 1)[1].strip()]
+
+
+def procfile_env(broker: str, **extra: str) -> dict[str, str]:
+    env = ops_env(broker, **extra)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([*CLI, *args], capture_output=True, env=env, cwd=ROOT, timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
