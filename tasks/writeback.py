@@ -149,3 +149,44 @@ def transition_status(self: Task, *args: Any, job_id: Any = None, **intent: Any)
 @app.task(name="writeback.sweep", acks_late=False)
 def sweep() -> dict[str, int]:
     return sweeper.sweep()
+
+
+def _harden_redis_channel_close() -> None:
+    """Work around a kombu/Celery 5.7 crash on broker loss (tests/chaos/test_broker_outage).
+
+    When Redis goes away while a task is in flight, the consumer first `collect()`s its
+    connection, which closes the default channel. kombu's Redis Channel.close deletes the
+    worker's auto-delete fanout queue (remote control) *before* its generic close, so with
+    Redis down it raises and leaves the channel half-open. Celery then closes the connection
+    again; the second close finds the transport already detached and dies with
+    AttributeError("'NoneType' object has no attribute 'hostname'"), an "Unrecoverable
+    error" that stops the worker (cf. kombu#582). Finishing the close on the first pass makes
+    the second one a no-op, and the worker reconnects as it should. Unacked messages stay in
+    Redis's unacked hash (restored after the visibility timeout) and the job rows stay due
+    for the sweeper either way.
+    """
+    try:
+        from kombu.transport import redis as kombu_redis
+        from kombu.transport import virtual
+    except ImportError:  # pragma: no cover - the redis extra is a dependency
+        return
+    original = kombu_redis.Channel.close
+    if getattr(original, "_psa_hardened", False):
+        return
+
+    def close(self: Any) -> None:
+        try:
+            original(self)
+        finally:
+            if not self.closed:
+                for step in (self._disconnect_pools, self._close_clients, lambda: virtual.Channel.close(self)):
+                    try:
+                        step()
+                    except Exception:  # Redis is down: the point is only to end up closed
+                        pass
+
+    close._psa_hardened = True  # type: ignore[attr-defined]
+    kombu_redis.Channel.close = close
+
+
+_harden_redis_channel_close()
