@@ -52,7 +52,9 @@ def timeline(s: dict[str, Any]) -> list[list[str]]:
     events: list[tuple[str, int, list[str]]] = [(s["created_at"] or "", 0, ["created", "-", "-", "-", "-",
                                                                             f'{s["kind"]} enqueued'])]
     for a in s["attempt_history"]:
-        detail = f'{a["error_type"]}: {a["error_message"]}' if a["error_message"] else ""
+        detail = a["error_message"] or ""
+        if detail and a["error_type"] not in (None, "error"):
+            detail = f'{a["error_type"]}: {detail}'
         task = f'task {a["celery_task_id"][:8]}' if a["celery_task_id"] else ""
         where = f'at {a["step"]}' if a["step"] else ""
         events.append((a["started_at"] or "", 1, ["attempt", str(a["attempt_no"]), a["outcome"],
