@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import random
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -334,6 +335,12 @@ class SimulatorServer(ThreadingHTTPServer):
         super().__init__((host, port), _Handler)
         self.state = state or SimState()
         self._thread: threading.Thread | None = None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that gave up (read timeout) or a fault that dropped the socket: expected.
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
 
     @property
     def root_url(self) -> str:
