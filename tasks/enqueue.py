@@ -187,6 +187,11 @@ def publish_after_commit(db: Session, job: WritebackJob) -> None:
 
 
 def _publish_pending(db: Session) -> None:
+    # SQLAlchemy fires after_commit for a released SAVEPOINT too; publishing then would
+    # announce rows the outer transaction has not committed (a worker would find no job).
+    outer = db.get_transaction()
+    if outer is not None and outer.is_active:
+        return
     for job_id, kind in db.info.pop(_PENDING, []):
         publish(job_id, kind)
 

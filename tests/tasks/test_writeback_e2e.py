@@ -98,3 +98,27 @@ def test_send_task_by_name_with_intent_reaches_terminal_state(world, worker):
     s = wait_for(lambda: (row := session_row(sid)).status == "resolved" and row, timeout=30, message="resolved")
     assert s.resolution_note_external_id is not None and s.psa_status_id == RESOLVED
     assert len(world.sim.state.notes(5006)) == 1
+
+
+def test_jobs_enqueued_together_are_published_only_after_the_outer_commit(world, worker, monkeypatch):
+    # Each enqueue uses a SAVEPOINT; releasing one must not publish the jobs before it.
+    import importlib
+
+    enq = importlib.import_module("tasks.enqueue")  # the package re-exports a function of that name
+    from models import WritebackJob
+
+    seen: list[tuple[int, bool]] = []
+    real_publish = enq.publish
+
+    def spy(job_id, kind, countdown=None):
+        with session_scope() as other:  # another connection: sees only committed rows
+            seen.append((job_id, other.get(WritebackJob, job_id) is not None))
+        return real_publish(job_id, kind, countdown)
+
+    monkeypatch.setattr(enq, "publish", spy)
+    sids = [world.session(5100 + i) for i in range(3)]
+    with session_scope() as db:
+        ids = [enqueue_resolve(db, sid, f"Batch {sid}.") for sid in sids]
+        assert seen == []  # nothing published inside the transaction
+    assert sorted(seen) == [(i, True) for i in sorted(ids)]
+    assert all(wait_terminal(i).state == "succeeded" for i in ids)
