@@ -165,9 +165,15 @@ def _redact_received(request: Any = None, **_: Any) -> None:
 # --- metrics endpoint ---------------------------------------------------------------------
 
 @signals.worker_init.connect
-def _start_metrics(**_: Any) -> None:
+def _worker_started(sender: Any = None, **_: Any) -> None:
     metrics.clean_multiprocess_dir()
     metrics.start_worker_server()
+    # A task-sent event carries saferepr(kwargs) built by the publisher, out of reach of the
+    # redaction above. The worker publishes only retries, alert deliveries and wake-ups; a
+    # retry of a message sent by name with the intent re-sends the markdown, and Flower would
+    # show it for the whole countdown. Flower still gets received/started/retried/succeeded.
+    if sender is not None and getattr(sender, "app", None) is not None:
+        sender.app.conf.task_send_sent_event = False
 
 
 @signals.worker_process_shutdown.connect

@@ -17,7 +17,7 @@ from models.db import session_scope
 from tasks import admin
 from tests.factories import session_row, wait_terminal
 from tests.harness import wait_for
-from tests.ops.conftest import ROOT, free_port, procfile_command, procfile_env, start_worker, submit
+from tests.ops.conftest import ROOT, EventCapture, free_port, procfile_command, procfile_env, start_worker, submit
 
 AUTH = ("ops", "fake-test-password")
 
@@ -140,6 +140,8 @@ def test_no_credential_or_note_body_in_any_log_line_or_in_flower(world, json_wor
         dead_sid = admin.create_session(db, account_id=world.account_id, psa_connection_id=revoked.id,
                                         psa_ticket_id=8104).id
     st.add_fault(action="error", status=503, operation="post_note", times=1, ticket_id=8101)
+    st.add_fault(action="error", status=503, operation="post_note", times=1, ticket_id=8103)  # a retry by name
+    events = EventCapture(ops_client.url).start()
     # given jobs that verify, retry, post internally, are sent by name with the markdown, and hit dead keys
     resolve_id = submit(ops_client, "resolve", world.session(8101), bodies[0])
     escalate_id = submit(ops_client, "escalate", world.session(8102), bodies[1])
@@ -158,7 +160,9 @@ def test_no_credential_or_note_body_in_any_log_line_or_in_flower(world, json_wor
 
     # everything Flower serves about these tasks, and every line the worker wrote
     tasks = flower.get("/api/tasks?limit=1000").json()
-    seen = [json.dumps(tasks)] + [flower.get(f"/api/task/info/{u}").text for u in tasks] + \
+    events.stop()
+    assert any(e["type"] == "task-retried" for e in events.events)
+    seen = [json.dumps(events.events, default=str), json.dumps(tasks)] + [flower.get(f"/api/task/info/{u}").text for u in tasks] + \
         [flower.get(f"/task/{u}").text for u in tasks] + [flower.get("/tasks/datatable?draw=1&start=0&length=100"
                                                                      "&search[value]=&order[0][column]=0"
                                                                      "&columns[0][data]=name&order[0][dir]=asc").text]
