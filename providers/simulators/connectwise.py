@@ -112,6 +112,9 @@ class SimState:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the real thing
+    # Headers and body go out in two writes; with Nagle on, the body waits for the client's
+    # delayed ACK (~40 ms per call), a delay no real PSA adds.
+    disable_nagle_algorithm = True
     server: "SimulatorServer"
 
     def log_message(self, *args: Any) -> None:  # quiet
