@@ -30,6 +30,9 @@ TEST_ENV = {
     "RETRY_BASE_SECONDS": "0.2",
     "RETRY_MAX_DELAY_SECONDS": "2",
     "PSA_READ_TIMEOUT": "3",
+    # After a POST that may have landed, the next look waits this long (default: the read
+    # timeout); tests that need the full settle time set it themselves.
+    "POST_SETTLE_SECONDS": "0.5",
     "JOB_LEASE_SECONDS": "20",
     "SWEEP_INTERVAL_SECONDS": "1",
     "SWEEP_REPUBLISH_AFTER_SECONDS": "2",

@@ -17,6 +17,7 @@ from tests import harness
 CHAOS_ENV = {
     "PSA_CONNECT_TIMEOUT": "1",
     "PSA_READ_TIMEOUT": "2",
+    "POST_SETTLE_SECONDS": "2",  # the production default: the read timeout
     "JOB_LEASE_SECONDS": "6",
     "SWEEP_INTERVAL_SECONDS": "1",
     "SWEEP_REPUBLISH_AFTER_SECONDS": "2",

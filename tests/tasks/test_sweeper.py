@@ -1,0 +1,110 @@
+"""Guarantee 1, the safety net: the sweeper finds exactly the jobs whose message may be
+lost (due but unclaimed, or running past their lease), never hands one job to two
+sweepers, and re-publishes so a real worker finishes the job."""
+from __future__ import annotations
+
+import datetime as dt
+import sys
+import threading
+
+import pytest
+from sqlalchemy import update
+
+from models import JobKind, WritebackJob, utcnow
+from models.db import session_scope
+from tasks import enqueue, sweeper
+from tests.factories import job, wait_terminal
+from tests.tasks.test_claim import claim, expire_lease, make_job
+
+LONG_AGO = dt.timedelta(minutes=10)
+ENQUEUE_MODULE = sys.modules["tasks.enqueue"]  # `tasks.enqueue` the attribute is the function
+
+
+def set_row(job_id: int, **values) -> None:
+    with session_scope() as db:
+        db.execute(update(WritebackJob).where(WritebackJob.id == job_id).values(**values))
+
+
+def lost(job_id: int) -> None:
+    """As if its message vanished a while ago (publish failed, Redis restarted...)."""
+    set_row(job_id, published_at=utcnow() - LONG_AGO, next_attempt_at=utcnow() - LONG_AGO)
+
+
+def test_finds_due_unclaimed_and_lease_expired_jobs_and_nothing_else(world):
+    queued_lost = make_job(world.session(3201))
+    lost(queued_lost)
+    just_published = make_job(world.session(3202))  # its message is surely still on its way
+    retry_not_due = make_job(world.session(3203))
+    set_row(retry_not_due, state="retrying", published_at=utcnow() - LONG_AGO,
+            next_attempt_at=utcnow() + dt.timedelta(minutes=5))
+    expired = make_job(world.session(3204))
+    claim(expired)
+    expire_lease(expired)
+    set_row(expired, published_at=utcnow() - LONG_AGO)
+    live = make_job(world.session(3205))
+    claim(live)
+    finished = make_job(world.session(3206))
+    lost(finished)
+    set_row(finished, state="succeeded")
+    found = sweeper.find_lost()
+    assert sorted(found) == sorted([(queued_lost, "transition_status"), (expired, "transition_status")])
+    assert job(just_published).state == "queued" and job(live).state == "running"
+    # marked as published: the next sweep leaves them alone until the window passes again
+    assert sweeper.find_lost() == []
+
+
+def test_a_job_queued_behind_a_live_one_on_its_ticket_is_not_republished(world):
+    sid = world.session(3207)
+    first, second = make_job(sid, status_id=5), make_job(sid, status_id=9)
+    lost(first)
+    lost(second)
+    assert sweeper.find_lost() == [(first, "transition_status")]
+
+
+def test_two_sweepers_at_once_never_take_the_same_job(world):
+    ids = []
+    for t in range(3300, 3360):
+        ids.append(make_job(world.session(t)))
+    for job_id in ids:
+        lost(job_id)
+    barrier, found = threading.Barrier(2), []
+
+    def sweep_once() -> None:
+        barrier.wait()
+        found.append(sweeper.find_lost(limit=40))
+
+    threads = [threading.Thread(target=sweep_once) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    a, b = ({i for i, _ in f} for f in found)
+    assert not (a & b)
+    assert a | b == set(ids)
+
+
+def test_a_failed_publish_is_tried_again_by_a_later_sweep(world, monkeypatch):
+    job_id = make_job(world.session(3208))
+    lost(job_id)
+    monkeypatch.setattr(ENQUEUE_MODULE, "publish", lambda job_id, kind, countdown=None: False)  # broker down
+    assert sweeper.sweep() == {"found": 1, "published": 0}
+    assert sweeper.sweep() == {"found": 0, "published": 0}  # not again within the window
+    set_row(job_id, published_at=utcnow() - LONG_AGO)
+    sent = []
+    monkeypatch.setattr(ENQUEUE_MODULE, "publish", lambda job_id, kind, countdown=None: sent.append(job_id) or True)
+    assert sweeper.sweep() == {"found": 1, "published": 1} and sent == [job_id]
+
+
+def test_a_job_whose_message_was_lost_is_finished_by_a_worker_after_a_sweep(world, worker, monkeypatch):
+    # given a job committed while the broker was unreachable (the publish after commit failed)
+    sid = world.session(3209)
+    monkeypatch.setattr(ENQUEUE_MODULE, "publish", lambda job_id, kind, countdown=None: False)
+    job_id = enqueue(None, JobKind.RESOLVE, session_id=sid, markdown="Replaced the battery.")
+    monkeypatch.undo()
+    lost(job_id)
+    assert job(job_id).state == "queued"
+    # when the sweeper runs
+    assert sweeper.sweep()["published"] == 1
+    # then a worker finishes it
+    j = wait_terminal(job_id)
+    assert j.state == "succeeded" and len(world.sim.state.notes(3209)) == 1
