@@ -20,7 +20,7 @@ import datetime as dt
 import logging
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, exists, func, or_, select, update
@@ -158,6 +158,23 @@ def resolve(*, job_id: int | None = None, connection_id: int | None = None, kind
         return res.rowcount
 
 
+@db_retry
+def resolve_on_finish(job_id: int, state: str, connection_id: int | None) -> int:
+    """One short UPDATE per finished job: a stuck alert closes whatever the outcome; on
+    success the job's own alerts close (a retried job that now worked), and so does the
+    connection's auth alert (its credentials just worked)."""
+    mine, resolution = Alert.job_id == job_id, f"job {job_id} finished: {state}"
+    if state != JobState.SUCCEEDED.value:
+        mine = and_(mine, Alert.kind == AlertKind.JOB_STUCK.value)
+    elif connection_id is not None:
+        mine = or_(mine, and_(Alert.kind == AlertKind.AUTH_FAILED.value, Alert.connection_id == connection_id))
+        resolution += f"; the credentials of connection {connection_id} work again"
+    with session_scope() as db:
+        res = db.execute(update(Alert).where(Alert.resolved_at.is_(None), mine).values(
+            resolved_at=utcnow(), resolution=resolution))
+        return res.rowcount
+
+
 # --- webhook delivery -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -247,7 +264,7 @@ def deliver_alert(self, alert_id: int) -> dict[str, Any]:
 
 # --- stuck jobs and the reconciler -----------------------------------------------------------
 
-def _stuck_condition(now: dt.datetime) -> Any:
+def stuck_condition(now: dt.datetime) -> Any:
     """Due (queued/retrying) since before the threshold and not waiting behind an earlier job
     on the same ticket, or running on a lease that expired before the threshold."""
     cutoff = now - stuck_after()
@@ -263,7 +280,7 @@ def find_stuck(limit: int = 200) -> list[tuple[int, str, dt.datetime]]:
     alerted = exists().where(Alert.job_id == J.id, Alert.kind == AlertKind.JOB_STUCK.value)
     with session_scope() as db:
         rows = db.execute(select(J.id, J.state, func.coalesce(J.lease_until, J.next_attempt_at))
-                          .where(_stuck_condition(utcnow()), ~alerted).order_by(J.id).limit(limit)).all()
+                          .where(stuck_condition(utcnow()), ~alerted).order_by(J.id).limit(limit)).all()
     return [(r[0], r[1], r[2]) for r in rows]
 
 
@@ -315,33 +332,3 @@ def run_checks() -> dict[str, int]:
 def check_stuck() -> dict[str, int]:
     """Beat: stuck-job alerts, missed alerts, lost webhook deliveries."""
     return run_checks()
-
-
-# --- read side for metrics and the CLI ------------------------------------------------------
-
-@dataclass
-class QueueSnapshot:
-    depth: dict[str, int] = field(default_factory=dict)
-    oldest_due_age: float = 0.0
-    stuck: int = 0
-    open_alerts: dict[str, int] = field(default_factory=dict)
-    webhooks_pending: int = 0
-
-
-def queue_snapshot() -> QueueSnapshot:
-    J, now = WritebackJob, utcnow()
-    snap = QueueSnapshot()
-    with session_scope() as db:
-        snap.depth = dict(db.execute(select(J.state, func.count()).where(J.state.notin_(_TERMINAL))
-                                     .group_by(J.state)).all())
-        oldest = db.scalar(select(func.min(J.next_attempt_at)).where(J.state.in_(_CLAIMABLE), J.next_attempt_at <= now))
-        if oldest is not None:
-            oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=dt.timezone.utc)
-            snap.oldest_due_age = max(0.0, (now - oldest).total_seconds())
-        snap.stuck = db.scalar(select(func.count()).select_from(J).where(_stuck_condition(now))) or 0
-        snap.open_alerts = {k.value: 0 for k in AlertKind}
-        snap.open_alerts.update(db.execute(select(Alert.kind, func.count()).where(Alert.resolved_at.is_(None))
-                                           .group_by(Alert.kind)).all())
-        snap.webhooks_pending = db.scalar(select(func.count()).select_from(Alert)
-                                          .where(Alert.delivery_state == DeliveryState.PENDING.value)) or 0
-    return snap

@@ -30,6 +30,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -128,8 +129,6 @@ class QueueCollector(Collector):
         yield from self._broker()
 
     def _from_db(self) -> Iterator[GaugeMetricFamily]:
-        from worker.alerts import queue_snapshot
-
         snap = queue_snapshot()
         depth = GaugeMetricFamily(f"{NS}_queue_depth", "Jobs not finished, by state", labels=["state"])
         for state in ("queued", "retrying", "running"):
@@ -165,6 +164,46 @@ class QueueCollector(Collector):
             log.warning("metrics scrape could not read the broker: %s", type(err).__name__)
             return
         yield length
+
+
+# --- the database read behind the deployment gauges -----------------------------------------
+
+@dataclass
+class QueueSnapshot:
+    depth: dict[str, int] = field(default_factory=dict)
+    oldest_due_age: float = 0.0
+    stuck: int = 0
+    open_alerts: dict[str, int] = field(default_factory=dict)
+    webhooks_pending: int = 0
+
+
+def queue_snapshot() -> QueueSnapshot:
+    import datetime as dt
+
+    from sqlalchemy import func, select
+
+    from models import Alert, AlertKind, DeliveryState, WritebackJob, utcnow
+    from models.db import session_scope
+    from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
+    from worker.alerts import stuck_condition  # imports this module: keep it out of import time
+
+    _TERMINAL, _CLAIMABLE = [s.value for s in TERMINAL_STATES], [s.value for s in CLAIMABLE_STATES]
+    J, now = WritebackJob, utcnow()
+    snap = QueueSnapshot()
+    with session_scope() as db:
+        snap.depth = dict(db.execute(select(J.state, func.count()).where(J.state.notin_(_TERMINAL))
+                                     .group_by(J.state)).all())
+        oldest = db.scalar(select(func.min(J.next_attempt_at)).where(J.state.in_(_CLAIMABLE), J.next_attempt_at <= now))
+        if oldest is not None:
+            oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=dt.timezone.utc)
+            snap.oldest_due_age = max(0.0, (now - oldest).total_seconds())
+        snap.stuck = db.scalar(select(func.count()).select_from(J).where(stuck_condition(now))) or 0
+        snap.open_alerts = {k.value: 0 for k in AlertKind}
+        snap.open_alerts.update(db.execute(select(Alert.kind, func.count()).where(Alert.resolved_at.is_(None))
+                                           .group_by(Alert.kind)).all())
+        snap.webhooks_pending = db.scalar(select(func.count()).select_from(Alert)
+                                          .where(Alert.delivery_state == DeliveryState.PENDING.value)) or 0
+    return snap
 
 
 def serve(port: int, addr: str = "0.0.0.0") -> None:

@@ -56,12 +56,7 @@ def _alert_finished(*, job_id: int, state: str, result: dict[str, Any] | None, c
         alerts.raise_for_job(AlertKind.VERIFICATION_FAILED, job_id)
     elif state == "failed" and error_type != "PsaAuthError":  # dead credentials page once per connection
         alerts.raise_for_job(AlertKind.JOB_FAILED, job_id)
-    alerts.resolve(job_id=job_id, kinds=[AlertKind.JOB_STUCK], resolution=f"job finished: {state}")
-    if state == "succeeded":
-        alerts.resolve(job_id=job_id, resolution="a later attempt succeeded")
-        if connection_id is not None and provider is not None:
-            alerts.resolve(connection_id=connection_id, kinds=[AlertKind.AUTH_FAILED],
-                           resolution=f"job {job_id} succeeded on this connection: credentials work again")
+    alerts.resolve_on_finish(job_id, state, connection_id if provider is not None else None)
 
 
 def _count_retry(*, provider: str | None, kind: str, error_type: str | None, **_: Any) -> None:

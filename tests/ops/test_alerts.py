@@ -150,7 +150,7 @@ def test_dead_credentials_page_once_per_connection_and_close_when_they_work_agai
                    .values(private_key_encrypted=crypto.encrypt(st.private_key)))
     assert wait_terminal(submit(ops_client, "resolve", sessions[2], "Works now.")).state == "succeeded"
     closed = wait_for(lambda: (a := alerts(id=alert.id)[0]).resolved_at is not None and a, message="auth closed")
-    assert "credentials work again" in closed.resolution
+    assert f"the credentials of connection {bad_id} work again" in closed.resolution
     assert len(receiver.bodies()) == 1
 
 
