@@ -214,7 +214,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     ids = list(args.job_ids)
     if not ids:
         if not any(getattr(args, f) is not None for f in ("kind", "account", "ticket", "older_than", "newer_than")):
-            raise RequestError(f"give job ids, or filters (--account, --ticket, --older-than, ...) with --yes")
+            raise RequestError("give job ids, or filters (--account, --ticket, --older-than, ...) with --yes")
         with session_scope() as db:
             ids = [j.id for j in db.scalars(_select(args, _REPAIR_STATES[args.action]))]
         if not args.yes:

@@ -43,7 +43,8 @@ def _log_finished(*, job_id: int, kind: str, state: str, result: dict[str, Any] 
                  status.get("expected_name"), status.get("observed_id"), status.get("observed_name"),
                  extra={"job_id": job_id, "step": "verify", "expected_status_id": status.get("expected_id"),
                         "observed_status_id": status.get("observed_id")})
-    level = logging.INFO if state == "succeeded" else logging.ERROR
+    # WARNING, not ERROR: the page-worthy line is the alert's ("ALERT ...", step=alert).
+    level = logging.INFO if state == "succeeded" else logging.WARNING
     log.log(level, "job %s %s (%s) after %s attempt(s)", job_id, state, result.get("outcome"), attempts,
             extra={"job_id": job_id, "step": "outcome", "state": state, "outcome": result.get("outcome"),
                    "kind": kind, "attempt": attempts})
