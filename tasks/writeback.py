@@ -114,7 +114,13 @@ def _job_id(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any, inten
 
 
 def _wake_next_on_ticket(job_id: int) -> None:
-    nxt = store.next_on_ticket(job_id)
+    # A shortcut, not a promise: the job is already recorded, so a database hiccup here must
+    # not turn its task into a FAILURE; the sweeper wakes the next job anyway.
+    try:
+        nxt = store.next_on_ticket(job_id)
+    except Exception as err:
+        log.warning("could not look up the next job on the ticket of job %s (%s)", job_id, type(err).__name__)
+        return
     if nxt is not None:
         publish(*nxt)
 
