@@ -15,13 +15,15 @@ import logging
 import random
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from drafting.config import DraftConfig
 from drafting.errors import DraftApiError, DraftError, classify
+
+if TYPE_CHECKING:  # the SDK (and pydantic) cost a writeback worker ~50 MB: imported on first use
+    import anthropic
 
 log = logging.getLogger("psa_writeback.drafting")
 
@@ -42,17 +44,19 @@ class ModelReply:
     model: str
 
 
-_clients: dict[tuple[str, str | None, float], anthropic.Anthropic] = {}
+_clients: dict[tuple[str, str | None, float], "anthropic.Anthropic"] = {}
 _clients_lock = threading.Lock()
 
 
-def client_for(cfg: DraftConfig) -> anthropic.Anthropic:
+def client_for(cfg: DraftConfig) -> "anthropic.Anthropic":
     """One SDK client (and its connection pool) per key/endpoint/timeout, shared by the
     worker's threads; the SDK client is thread-safe."""
     cfg.require_api_key()
     key = (cfg.api_key, cfg.base_url, cfg.timeout_seconds)
     with _clients_lock:
         if key not in _clients:
+            import anthropic
+
             # api_key passed explicitly: the SDK then consults no other credential source
             # (profiles, federation files), so "no ANTHROPIC_API_KEY" means exactly that.
             _clients[key] = anthropic.Anthropic(api_key=cfg.api_key, base_url=cfg.base_url, max_retries=0,
@@ -79,8 +83,10 @@ def ask(cfg: DraftConfig, system: str, messages: list[dict[str, Any]], usage: Us
     raise AssertionError("unreachable: tenacity either returns or re-raises")
 
 
-def _call(client: anthropic.Anthropic, cfg: DraftConfig, system: str, messages: list[dict[str, Any]],
+def _call(client: "anthropic.Anthropic", cfg: DraftConfig, system: str, messages: list[dict[str, Any]],
           usage: Usage) -> ModelReply:
+    import anthropic
+
     usage.api_calls += 1
     try:
         message = client.messages.create(model=cfg.model, max_tokens=cfg.max_tokens, system=system,

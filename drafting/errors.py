@@ -8,7 +8,10 @@ honours it. Everything else (400 invalid_request_error, 401 authentication_error
 """
 from __future__ import annotations
 
-import anthropic
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported on first use: a writeback worker never pays for the SDK
+    import anthropic
 
 
 class DraftError(Exception):
@@ -43,6 +46,8 @@ _TRANSIENT_STATUSES = {408, 409, 429}
 
 
 def classify(err: anthropic.AnthropicError) -> DraftApiError:
+    import anthropic
+
     if isinstance(err, anthropic.APITimeoutError):
         return DraftApiError("Anthropic API request timed out", retryable=True)
     if isinstance(err, anthropic.APIConnectionError):
