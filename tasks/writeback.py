@@ -66,8 +66,9 @@ def _job_from_intent(task: Task, kind: JobKind, intent: dict[str, Any]) -> int:
 
 
 def run_job(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any, intent: dict[str, Any]) -> dict[str, Any]:
+    resolved: int | None = None
     try:
-        job_id = _job_id(task, kind, args, job_id, intent)
+        job_id = resolved = _job_id(task, kind, args, job_id, intent)
         outcome = runner.execute(job_id, task.request.id, task.request.hostname, kind=kind.value)
     except RequestError as err:
         # Wrong arguments: nothing was written, and repeating the message cannot help.
@@ -78,7 +79,9 @@ def run_job(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any, inten
         # The database is unreachable (db_retry already waited): come back later. Whatever
         # this execution had claimed stays leased, so the retry (or the sweeper) resumes it.
         log.warning("database unavailable for %s (%s); retrying the message", task.name, type(err).__name__)
-        raise task.retry(countdown=min(db_outage_countdown(), max_countdown()), exc=err, max_retries=None)
+        ids_only = {"args": (), "kwargs": {"job_id": resolved}} if resolved is not None else {}
+        raise task.retry(countdown=min(db_outage_countdown(), max_countdown()), exc=err, max_retries=None,
+                         **ids_only)
     refused = outcome.result.get("refused")
     if refused == "missing":
         raise PoisonMessage(f"job {job_id} does not exist (deleted after it was published?); nothing to do")
@@ -88,7 +91,9 @@ def run_job(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any, inten
         # The job row already holds next_attempt_at (or a live lease): this message is just
         # the wake-up call. A "running" refusal wakes up when that lease would run out, so a
         # job whose worker died resumes without waiting for the sweeper.
-        raise task.retry(countdown=min(outcome.delay + (0.5 if refused == "running" else 0), max_countdown()),
+        # The retry carries only the job id: a by-name intent's markdown never travels twice.
+        raise task.retry(args=(), kwargs={"job_id": job_id},
+                         countdown=min(outcome.delay + (0.5 if refused == "running" else 0), max_countdown()),
                          max_retries=None)
     if outcome.status in ("succeeded", "verification_failed", "failed"):
         _wake_next_on_ticket(job_id)
