@@ -1,9 +1,17 @@
 """The beat-driven safety net: re-publish jobs whose message was lost.
 
 A job can be due with no message for it in the broker: the publish after commit failed
-(Redis down), a retry's publish failed (Celery drops it), or the worker died holding the
-message (Redis brings it back only after the visibility timeout). The row says the job is
-due, so the sweeper publishes it again; the claim makes any duplicate harmless.
+(Redis down), a retry's publish failed (Celery drops it), Redis restarted empty, or the
+worker died holding the message (Redis brings it back only after the visibility timeout).
+The row says the job is due, so the sweeper publishes it again; the claim makes any
+duplicate harmless.
+
+Harmless is not free, though. A due job whose message is simply still waiting in a long
+queue looks exactly like a lost one. Re-publishing every such job each window during a
+backlog (a burst, a catch-up after an outage) would double the queue every window, just
+when the workers are busiest. So while the writeback queue is not empty, a due job is
+only re-published once it has waited far longer (SWEEP_BACKLOG_REPUBLISH_AFTER_SECONDS);
+lease-expired running jobs are always taken (their message is not in the queue).
 """
 from __future__ import annotations
 
@@ -21,23 +29,49 @@ from tasks.store import db_retry
 
 log = logging.getLogger("psa_writeback.sweeper")
 
+QUEUE = "writeback"
+
 
 def republish_after() -> dt.timedelta:
     return dt.timedelta(seconds=float(os.environ.get("SWEEP_REPUBLISH_AFTER_SECONDS", "120")))
 
 
+def backlog_republish_after() -> dt.timedelta:
+    default = 10 * republish_after().total_seconds()
+    return dt.timedelta(seconds=float(os.environ.get("SWEEP_BACKLOG_REPUBLISH_AFTER_SECONDS", str(default))))
+
+
+def queue_depth() -> int | None:
+    """Messages waiting in the writeback queue, or None when the broker cannot say (it is
+    down, or the transport does not count): then every due job counts as possibly lost."""
+    from kombu.exceptions import ChannelError
+
+    from worker.app import app
+
+    try:
+        with app.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=5)
+            return int(conn.default_channel.queue_declare(queue=QUEUE, passive=True).message_count)
+    except ChannelError:  # no such queue yet (a fresh broker): nothing is waiting in it
+        return 0
+    except Exception as err:
+        log.info("cannot read the depth of queue %s (%s); treating every due job as possibly lost", QUEUE,
+                 type(err).__name__)
+        return None
+
+
 @db_retry
-def find_lost(limit: int = 500) -> list[tuple[int, str]]:
+def find_lost(limit: int = 500, backlog: bool = False) -> list[tuple[int, str]]:
     """Due-but-unclaimed and lease-expired jobs, marked as published now (in the same short
     transaction, rows locked with SKIP LOCKED so two sweepers never take the same job)."""
     now = utcnow()
-    stale = now - republish_after()
+    stale = now - (backlog_republish_after() if backlog else republish_after())
     J, other = WritebackJob, aliased(WritebackJob)
     earlier_live = exists().where(other.ticket_key == J.ticket_key, other.id < J.id,
                                   other.state.notin_([s.value for s in TERMINAL_STATES]))
-    not_recent = or_(J.published_at.is_(None), J.published_at <= stale)
-    due = and_(J.state.in_([s.value for s in CLAIMABLE_STATES]), J.next_attempt_at <= stale, not_recent,
-               ~earlier_live)
+    due = and_(J.state.in_([s.value for s in CLAIMABLE_STATES]), J.next_attempt_at <= stale,
+               or_(J.published_at.is_(None), J.published_at <= stale), ~earlier_live)
+    not_recent = or_(J.published_at.is_(None), J.published_at <= now - republish_after())
     expired = and_(J.state == JobState.RUNNING.value, J.lease_until < now, not_recent)
     found: list[tuple[int, str]] = []
     with session_scope() as db:
@@ -53,8 +87,10 @@ def find_lost(limit: int = 500) -> list[tuple[int, str]]:
 def sweep(limit: int = 500) -> dict[str, int]:
     from tasks.enqueue import publish
 
-    lost = find_lost(limit)
+    depth = queue_depth()
+    lost = find_lost(limit, backlog=bool(depth))
     published = sum(1 for job_id, kind in lost if publish(job_id, kind))
     if lost:
-        log.warning("sweeper re-published %s of %s lost or stalled jobs", published, len(lost))
-    return {"found": len(lost), "published": published}
+        log.warning("sweeper re-published %s of %s lost or stalled jobs (queue depth %s)", published, len(lost),
+                    "unknown" if depth is None else depth)
+    return {"found": len(lost), "published": published, "queue_depth": -1 if depth is None else depth}

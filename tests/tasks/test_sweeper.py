@@ -46,7 +46,7 @@ def test_finds_due_unclaimed_and_lease_expired_jobs_and_nothing_else(world):
     finished = make_job(world.session(3206))
     lost(finished)
     set_row(finished, state="succeeded")
-    found = sweeper.find_lost()
+    found = sweeper.find_lost(backlog=False)
     assert sorted(found) == sorted([(queued_lost, "transition_status"), (expired, "transition_status")])
     assert job(just_published).state == "queued" and job(live).state == "running"
     # marked as published: the next sweep leaves them alone until the window passes again
@@ -86,24 +86,64 @@ def test_two_sweepers_at_once_never_take_the_same_job(world):
 def test_a_failed_publish_is_tried_again_by_a_later_sweep(world, monkeypatch):
     job_id = make_job(world.session(3208))
     lost(job_id)
-    monkeypatch.setattr(ENQUEUE_MODULE, "publish", lambda job_id, kind, countdown=None: False)  # broker down
-    assert sweeper.sweep() == {"found": 1, "published": 0}
-    assert sweeper.sweep() == {"found": 0, "published": 0}  # not again within the window
+    monkeypatch.setattr(sweeper, "queue_depth", lambda: None)  # broker down: depth unknown
+    monkeypatch.setattr(ENQUEUE_MODULE, "publish", lambda job_id, kind, **_: False)
+    assert sweeper.sweep() == {"found": 1, "published": 0, "queue_depth": -1}
+    assert sweeper.sweep()["found"] == 0  # not again within the window
     set_row(job_id, published_at=utcnow() - LONG_AGO)
     sent = []
-    monkeypatch.setattr(ENQUEUE_MODULE, "publish", lambda job_id, kind, countdown=None: sent.append(job_id) or True)
-    assert sweeper.sweep() == {"found": 1, "published": 1} and sent == [job_id]
+    monkeypatch.setattr(ENQUEUE_MODULE, "publish", lambda job_id, kind, **_: sent.append(job_id) or True)
+    assert sweeper.sweep()["published"] == 1 and sent == [job_id]
+
+
+def test_while_the_queue_has_a_backlog_due_jobs_wait_longer_but_expired_leases_do_not(world, monkeypatch):
+    # a due job whose message is most likely still in a long queue is not duplicated...
+    monkeypatch.setenv("SWEEP_REPUBLISH_AFTER_SECONDS", "120")  # the defaults: 2 min, 20 min in a backlog
+    monkeypatch.delenv("SWEEP_BACKLOG_REPUBLISH_AFTER_SECONDS", raising=False)
+    waiting = make_job(world.session(3210))
+    five_min_ago = utcnow() - dt.timedelta(minutes=5)
+    set_row(waiting, published_at=five_min_ago, next_attempt_at=five_min_ago)
+    expired = make_job(world.session(3211))
+    claim(expired)
+    expire_lease(expired)
+    set_row(expired, published_at=utcnow() - LONG_AGO)
+    monkeypatch.setattr(sweeper, "queue_depth", lambda: 250)
+    sent = []
+    monkeypatch.setattr(ENQUEUE_MODULE, "publish", lambda job_id, kind, **_: sent.append(job_id) or True)
+    assert sweeper.sweep() == {"found": 1, "published": 1, "queue_depth": 250} and sent == [expired]
+    # ...until it has waited ten windows (20 min by default), or the queue has drained
+    monkeypatch.setattr(sweeper, "queue_depth", lambda: 0)
+    assert sweeper.sweep()["found"] == 1 and sent == [expired, waiting]
+
+
+def test_queue_depth_counts_the_messages_waiting_in_the_broker():
+    from tests import harness
+    from tasks.enqueue import publish
+
+    server = harness.RedisServer().start()
+    try:
+        with harness.publishing_to(server.url):
+            assert sweeper.queue_depth() == 0
+            for job_id in (1, 2, 3):
+                assert publish(job_id, "resolve")
+            assert sweeper.queue_depth() == 3
+        server.kill()
+        with harness.publishing_to(server.url):
+            assert sweeper.queue_depth() is None
+    finally:
+        server.stop()
 
 
 def test_a_job_whose_message_was_lost_is_finished_by_a_worker_after_a_sweep(world, worker, monkeypatch):
     # given a job committed while the broker was unreachable (the publish after commit failed)
     sid = world.session(3209)
-    monkeypatch.setattr(ENQUEUE_MODULE, "publish", lambda job_id, kind, countdown=None: False)
+    monkeypatch.setattr(ENQUEUE_MODULE, "publish", lambda job_id, kind, **_: False)
     job_id = enqueue(None, JobKind.RESOLVE, session_id=sid, markdown="Replaced the battery.")
     monkeypatch.undo()
     lost(job_id)
     assert job(job_id).state == "queued"
-    # when the sweeper runs
+    # when the sweeper runs (the queue is empty: nothing else is waiting)
+    monkeypatch.setattr(sweeper, "queue_depth", lambda: 0)
     assert sweeper.sweep()["published"] == 1
     # then a worker finishes it
     j = wait_terminal(job_id)
