@@ -34,6 +34,9 @@ class Outcome:
     message: str = ""
     delay: float = 0.0
     result: dict[str, Any] = field(default_factory=dict)
+    # The ticket's next live job, looked up in the outcome's transaction (when known).
+    next_on_ticket: tuple[int, str] | None = None
+    next_known: bool = False
 
 
 def execute(job_id: int, task_id: str | None = None, worker: str | None = None,
@@ -89,7 +92,7 @@ def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
             return _finish_without_transition(job, note)
         step = "transition"
         assert job.ticket_id is not None
-        store.renew_lease(job)
+        store.renew_lease_if_aged(job)  # the note's intent renewed it a moment ago, usually
         transition = steps.transition_and_verify(provider, job.ticket_id, job.target_status_id)
         return _finish_transition(job, note, transition)
     except PsaError as err:
@@ -185,4 +188,5 @@ def _done(job: ClaimedJob, state: JobState, result: dict[str, Any], message: str
     events.emit("job_finished", job_id=job.id, kind=job.kind, state=state.value, result=result,
                 error_message=message or None, provider=job.provider, account_id=job.account_id,
                 ticket_id=job.ticket_id, connection_id=job.connection_id, attempts=job.attempt_no)
-    return Outcome(job.id, state.value, message, result=result)
+    return Outcome(job.id, state.value, message, result=result, next_on_ticket=job.scratch.get("next"),
+                   next_known="next" in job.scratch)

@@ -7,12 +7,15 @@ writes change nothing and we stop (LeaseLost) instead of overwriting its progres
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, text, update
+from sqlalchemy import and_, exists, func, insert, literal, or_, select, text, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, aliased
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
@@ -87,6 +90,11 @@ class ClaimedJob:
     # Why this job can never run as stored (connection deleted, deactivated, keys that no
     # longer decrypt): the runner fails it at once instead of retrying a setup problem.
     setup_error: str | None = None
+    ticket_key: str | None = None
+    started_at: dt.datetime | None = None  # the attempt row's start (None: read it back)
+    # This execution's memory between its transactions: the note it posted (recorded with
+    # the outcome), when it last renewed the lease, the next job of its ticket.
+    scratch: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -97,16 +105,50 @@ class ClaimRefusal:
     due_in: float = 0.0
 
 
+# Durability, per transaction. PostgreSQL flushes its WAL to disk at every COMMIT, and for
+# transactions this small that fsync is most of their cost. Only the note *intent* must be
+# on disk before the network call it announces (record_note_intent keeps the default). The
+# claim, the outcome and a retry's schedule commit with synchronous_commit = off: visible to
+# everyone at once, on disk within ~3 x wal_writer_delay, lost only if PostgreSQL itself
+# crashes in between. Losing them is safe: every write after the claim is fenced by the
+# execution token, so a lost claim makes our intent write fail (LeaseLost) before any POST;
+# a lost outcome leaves the job running on our lease, and the execution that takes it over
+# afterwards reconciles the note (adopts it) and re-reads the status before any PATCH. And
+# the WAL is one sequence: the intent's synchronous commit flushes the claim before it.
+_RELAXED = "SET LOCAL synchronous_commit TO off"
+
+
+def _relaxed(db: Session, then: str | None = None, params: dict[str, Any] | None = None) -> Any:
+    """Relax this transaction's durability (PostgreSQL only), in the same round trip as
+    `then` when given (psycopg2 sends both statements at once; the result is `then`'s)."""
+    postgres = db.get_bind().dialect.name == "postgresql"
+    if then is None:
+        return db.execute(text(_RELAXED)) if postgres else None
+    return db.execute(text(f"{_RELAXED}; {then}" if postgres else then), params or {})
+
+
+_J = WritebackJob
+_C = PsaConnection
+_JOB_COLUMNS = (_J.id, _J.kind, _J.state, _J.attempts, _J.max_attempts, _J.session_id, _J.account_id, _J.provider,
+                _J.psa_connection_id, _J.ticket_id, _J.ticket_key, _J.markdown, _J.note_visibility, _J.note_state,
+                _J.note_baseline_ids, _J.note_external_id, _J.target_status_id, _J.transition_skipped_reason,
+                _J.claimed_by, _J.lease_until, _J.next_attempt_at)
+_CONNECTION_COLUMNS = (_C.id.label("c_id"), _C.base_url.label("c_base_url"), _C.company_id.label("c_company_id"),
+                       _C.client_id.label("c_client_id"), _C.public_key_encrypted.label("c_public"),
+                       _C.private_key_encrypted.label("c_private"), _C.is_active.label("c_active"))
+
+
 @db_retry
 def claim(job_id: int, token: str, task_id: str | None, worker: str | None,
           kind: str | None = None) -> ClaimedJob | ClaimRefusal:
     now = utcnow()
     with session_scope() as db:
-        if db.get_bind().dialect.name == "postgresql":
+        postgres = db.get_bind().dialect.name == "postgresql"
+        if postgres:
             # Serialise claims per ticket: two jobs of one ticket must never both pass the
             # "no earlier job is live" test below in concurrent transactions.
-            db.execute(text("SELECT pg_advisory_xact_lock(hashtext(ticket_key)) FROM writeback_jobs WHERE id = :id"),
-                       {"id": job_id})
+            _relaxed(db, "SELECT pg_advisory_xact_lock(hashtext(ticket_key)) FROM writeback_jobs WHERE id = :id",
+                     {"id": job_id})
         J, other = WritebackJob, aliased(WritebackJob)
         blocked = exists().where(other.ticket_key == J.ticket_key, other.id != J.id, or_(
             and_(other.id < J.id, other.state.notin_(_TERMINAL)),
@@ -115,56 +157,99 @@ def claim(job_id: int, token: str, task_id: str | None, worker: str | None,
             and_(J.state.in_(_CLAIMABLE), J.next_attempt_at <= now + DUE_TOLERANCE),
             and_(J.state == JobState.RUNNING.value, J.lease_until < now),
         )
-        row = db.execute(
-            update(J).where(J.id == job_id, J.kind == kind if kind else J.id == job_id, claimable, ~blocked)
-            .values(state=JobState.RUNNING.value, claimed_by=token, attempts=J.attempts + 1,
-                    lease_until=now + dt.timedelta(seconds=lease_seconds()),
-                    started_at=func.coalesce(J.started_at, now), updated_at=now)
-            .returning(J.attempts)
-        ).first()
-        job = db.execute(select(J).where(J.id == job_id).execution_options(populate_existing=True)).scalar_one_or_none()
+        claiming = (update(J).where(J.id == job_id, J.kind == kind if kind else J.id == job_id, claimable, ~blocked)
+                    .values(state=JobState.RUNNING.value, claimed_by=token, attempts=J.attempts + 1,
+                            lease_until=now + dt.timedelta(seconds=lease_seconds()),
+                            started_at=func.coalesce(J.started_at, now), updated_at=now)
+                    .returning(*_JOB_COLUMNS))
+        if postgres:
+            # One round trip: claim, open the attempt row, and read the connection.
+            claimed = claiming.cte("claimed")
+            A = WritebackAttempt
+            opened = insert(A).from_select(
+                [A.job_id, A.attempt_no, A.celery_task_id, A.worker, A.started_at, A.outcome],
+                select(claimed.c.id, claimed.c.attempts, literal(task_id, A.celery_task_id.type),
+                       literal(worker, A.worker.type), literal(now, A.started_at.type),
+                       literal(AttemptOutcome.RUNNING.value, A.outcome.type))).cte("opened")
+            row = db.execute(select(claimed, *_CONNECTION_COLUMNS).add_cte(opened)
+                             .outerjoin(_C, _C.id == claimed.c.psa_connection_id)).first()
+        else:
+            row = db.execute(claiming).first()
+            if row is not None:
+                db.add(WritebackAttempt(job_id=job_id, attempt_no=row.attempts, celery_task_id=task_id,
+                                        worker=worker, started_at=now))
+                row = _load(db, job_id)
         if row is None:
-            if job is not None and job.claimed_by == token and job.state == JobState.RUNNING.value:
+            row = _load(db, job_id)
+            if row is not None and row.claimed_by == token and row.state == JobState.RUNNING.value:
                 # db_retry ran us again after our commit landed but its reply was lost: the
                 # claim (and its attempt row) is ours already; do not count a second attempt.
-                return _snapshot(db, job, token)
-            return _refusal(job, job_id, now, kind)
-        # An execution that died mid-attempt never wrote its outcome: say so in the history.
-        db.execute(update(WritebackAttempt).where(WritebackAttempt.job_id == job_id,
-                                                  WritebackAttempt.outcome == AttemptOutcome.RUNNING.value)
-                   .values(outcome=AttemptOutcome.ABANDONED.value, finished_at=now,
-                           error_message="the execution stopped without recording an outcome (worker lost?)"))
-        db.add(WritebackAttempt(job_id=job_id, attempt_no=job.attempts, celery_task_id=task_id, worker=worker,
-                                started_at=now))
-        return _snapshot(db, job, token)
+                return _snapshot(row, token)
+            return _refusal(row, job_id, now, kind)
+        if row.attempts > 1:
+            # An execution that died mid-attempt never wrote its outcome: say so in the history.
+            db.execute(update(WritebackAttempt).where(WritebackAttempt.job_id == job_id,
+                                                      WritebackAttempt.attempt_no < row.attempts,
+                                                      WritebackAttempt.outcome == AttemptOutcome.RUNNING.value)
+                       .values(outcome=AttemptOutcome.ABANDONED.value, finished_at=now,
+                               error_message="the execution stopped without recording an outcome (worker lost?)"))
+        return _snapshot(row, token, started_at=now)
 
 
-def _snapshot(db: Session, job: WritebackJob, token: str) -> ClaimedJob:
+def _load(db: Session, job_id: int) -> Any:
+    return db.execute(select(*_JOB_COLUMNS, *_CONNECTION_COLUMNS)
+                      .outerjoin(_C, _C.id == _J.psa_connection_id).where(_J.id == job_id)).first()
+
+
+# Decrypted keys, per connection and ciphertext (a re-keyed or rotated connection has new
+# ciphertext, so a stale entry is never used), for a short while: Fernet's HMAC + AES per
+# claim is measurable CPU at hundreds of jobs per second. Only in this process's memory.
+_CREDENTIALS_TTL = 60.0
+_credentials: dict[tuple[int, str], tuple[float, str, str]] = {}
+_credentials_lock = threading.Lock()
+
+
+def _keys(conn_id: int, public: bytes, private: bytes) -> tuple[str, str]:
+    digest = hashlib.sha256(bytes(public) + b"|" + bytes(private)).hexdigest()
+    now = time.monotonic()
+    with _credentials_lock:
+        hit = _credentials.get((conn_id, digest))
+    if hit is not None and hit[0] > now:
+        return hit[1], hit[2]
+    keys = crypto.decrypt(bytes(public)), crypto.decrypt(bytes(private))
+    with _credentials_lock:
+        if len(_credentials) > 1000:
+            _credentials.clear()
+        _credentials[(conn_id, digest)] = (now + _CREDENTIALS_TTL, *keys)
+    return keys
+
+
+def _snapshot(row: Any, token: str, started_at: dt.datetime | None = None) -> ClaimedJob:
     creds, setup_error = None, None
-    if job.psa_connection_id is not None:
-        connection = db.get(PsaConnection, job.psa_connection_id)
-        if connection is None:
-            setup_error = f"PSA connection {job.psa_connection_id} no longer exists"
-        elif not connection.is_active:
-            setup_error = f"PSA connection {job.psa_connection_id} was deactivated after the job was enqueued"
+    if row.psa_connection_id is not None:
+        if row.c_id is None:
+            setup_error = f"PSA connection {row.psa_connection_id} no longer exists"
+        elif not row.c_active:
+            setup_error = f"PSA connection {row.psa_connection_id} was deactivated after the job was enqueued"
         else:
             try:  # keys are decrypted in the worker only, never logged, never stored elsewhere
-                creds = Credentials(connection.base_url, connection.company_id, connection.client_id,
-                                    crypto.decrypt(connection.public_key_encrypted),
-                                    crypto.decrypt(connection.private_key_encrypted))
+                public, private = _keys(row.c_id, row.c_public, row.c_private)
+                creds = Credentials(row.c_base_url, row.c_company_id, row.c_client_id, public, private)
             except ConfigurationError as err:
                 setup_error = str(err)
-    return ClaimedJob(id=job.id, kind=job.kind, token=token, attempt_no=job.attempts, max_attempts=job.max_attempts,
-                      session_id=job.session_id, account_id=job.account_id, provider=job.provider,
-                      connection_id=job.psa_connection_id, ticket_id=job.ticket_id, markdown=job.markdown,
-                      note_visibility=job.note_visibility, note_state=job.note_state,
-                      note_baseline_ids=[str(i) for i in job.note_baseline_ids or []],
-                      note_external_id=job.note_external_id, target_status_id=job.target_status_id,
-                      transition_skipped_reason=job.transition_skipped_reason, credentials=creds,
-                      setup_error=setup_error)
+    job = ClaimedJob(id=row.id, kind=row.kind, token=token, attempt_no=row.attempts, max_attempts=row.max_attempts,
+                     session_id=row.session_id, account_id=row.account_id, provider=row.provider,
+                     connection_id=row.psa_connection_id, ticket_id=row.ticket_id, markdown=row.markdown,
+                     note_visibility=row.note_visibility, note_state=row.note_state,
+                     note_baseline_ids=[str(i) for i in row.note_baseline_ids or []],
+                     note_external_id=row.note_external_id, target_status_id=row.target_status_id,
+                     transition_skipped_reason=row.transition_skipped_reason, credentials=creds,
+                     setup_error=setup_error, ticket_key=row.ticket_key, started_at=started_at)
+    job.scratch["lease_renewed"] = time.monotonic()
+    return job
 
 
-def _refusal(job: WritebackJob | None, job_id: int, now: dt.datetime, kind: str | None) -> ClaimRefusal:
+def _refusal(job: Any, job_id: int, now: dt.datetime, kind: str | None) -> ClaimRefusal:
     if job is None:
         return ClaimRefusal("missing", job_id)
     if kind and job.kind != kind:
@@ -201,6 +286,18 @@ def renew_lease(job: ClaimedJob) -> None:
     """Called before each step: the lease counts from the start of the step's PSA calls."""
     with session_scope() as db:
         _guarded(db, job, lease_until=utcnow() + dt.timedelta(seconds=lease_seconds()))
+    job.scratch["lease_renewed"] = time.monotonic()
+
+
+def renew_lease_if_aged(job: ClaimedJob, fraction: float = 0.1) -> bool:
+    """Renew unless this execution renewed it (claim, note intent) within `fraction` of the
+    lease: the step then still has at least 90 % of a lease, and a job whose note went out
+    a moment ago saves a transaction. Returns whether it wrote."""
+    renewed = job.scratch.get("lease_renewed")
+    if renewed is not None and time.monotonic() - renewed < fraction * lease_seconds():
+        return False
+    renew_lease(job)
+    return True
 
 
 @db_retry
@@ -208,23 +305,35 @@ def record_note_intent(job: ClaimedJob, baseline_ids: list[str]) -> None:
     """Committed *before* every POST: from here on, a repeat must look for the note first.
     It renews the lease too, so a successor cannot start (and reconcile) until this POST
     has had its whole timeout, and more, to land."""
-    with session_scope() as db:
+    with session_scope() as db:  # synchronous commit: this one must be on disk before the POST
         _guarded(db, job, note_state=NoteState.INTENT.value, note_baseline_ids=baseline_ids,
                  lease_until=utcnow() + dt.timedelta(seconds=lease_seconds()))
+    job.scratch["lease_renewed"] = time.monotonic()
 
 
-@db_retry
 def record_note_posted(job: ClaimedJob, external_id: str, adopted: bool) -> dt.datetime:
+    """Remember the posted (or adopted) note; it is written with this execution's outcome
+    (finish or schedule_retry), in the same transaction. No commit of its own: if we die
+    before the outcome lands, the committed intent makes the next execution find the note
+    on the ticket and adopt it, exactly as when this write itself was lost."""
     now = utcnow()
-    with session_scope() as db:
-        _guarded(db, job, note_state=NoteState.POSTED.value, note_external_id=external_id, note_posted_at=now,
-                 note_adopted=adopted)
-        columns = _session_note_columns(job.kind)
-        if columns:
-            md, at, ext = columns
-            db.execute(update(AiSession).where(AiSession.id == job.session_id)
-                       .values({md: job.markdown, at: now, ext: external_id, "updated_at": now}))
+    job.scratch["note"] = (external_id, adopted, now)
     return now
+
+
+def _note_values(job: ClaimedJob) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The job and session columns of a note this execution posted, if any."""
+    if "note" not in job.scratch:
+        return {}, {}
+    external_id, adopted, at = job.scratch["note"]
+    job_values = dict(note_state=NoteState.POSTED.value, note_external_id=external_id, note_posted_at=at,
+                      note_adopted=adopted)
+    columns = _session_note_columns(job.kind)
+    session_values = {}
+    if columns:
+        md, posted_at, ext = columns
+        session_values = {md: job.markdown, posted_at: at, ext: external_id}
+    return job_values, session_values
 
 
 def _session_note_columns(kind: str) -> tuple[str, str, str] | None:
@@ -241,14 +350,21 @@ def finish(job: ClaimedJob, state: JobState, outcome: AttemptOutcome, *, result:
            http_status: int | None = None, step: str | None = None, **job_values: Any) -> None:
     """The terminal write: job state + result, session columns, the attempt's outcome."""
     now = utcnow()
+    note_job, note_session = _note_values(job)
     with session_scope() as db:
+        # Relaxed durability (see _RELAXED), sent with the look-up of the ticket's next job.
+        nxt = _relaxed(db, "SELECT id, kind FROM writeback_jobs WHERE ticket_key = :key AND id > :id "
+                           "AND state IN ('queued', 'retrying') ORDER BY id LIMIT 1",
+                       {"key": job.ticket_key, "id": job.id}).first() if job.ticket_key else None
         if not _guarded(db, job, done_state=state.value, state=state.value, result=result, finished_at=now,
-                        lease_until=None, **_error_columns(error), **job_values):
+                        lease_until=None, **_error_columns(error), **{**note_job, **job_values}):
             return  # already recorded by our own earlier try (see _guarded)
-        if session_values:
+        if session_values or note_session:
             db.execute(update(AiSession).where(AiSession.id == job.session_id)
-                       .values(updated_at=now, **session_values))
+                       .values(updated_at=now, **{**note_session, **(session_values or {})}))
         _close_attempt(db, job, outcome, now, error, http_status, step)
+    if job.ticket_key:
+        job.scratch["next"] = (nxt.id, nxt.kind) if nxt else None
 
 
 @db_retry
@@ -256,10 +372,15 @@ def schedule_retry(job: ClaimedJob, delay: float, error: BaseException, http_sta
                    step: str | None) -> dt.datetime:
     now = utcnow()
     due = now + dt.timedelta(seconds=delay)
+    note_job, note_session = _note_values(job)
     with session_scope() as db:
+        _relaxed(db)  # see _RELAXED: a lost retry schedule leaves the job on our lease
         if not _guarded(db, job, done_state=JobState.RETRYING.value, state=JobState.RETRYING.value,
-                        next_attempt_at=due, lease_until=None, published_at=due, **_error_columns(error)):
+                        next_attempt_at=due, lease_until=None, published_at=due, **_error_columns(error),
+                        **note_job):
             return due
+        if note_session:
+            db.execute(update(AiSession).where(AiSession.id == job.session_id).values(updated_at=now, **note_session))
         _close_attempt(db, job, AttemptOutcome.RETRY, now, error, http_status, step)
     return due
 
@@ -279,7 +400,8 @@ def _close_attempt(db: Session, job: ClaimedJob, outcome: AttemptOutcome, now: d
                    error: BaseException | str | tuple[str, str] | None, http_status: int | None,
                    step: str | None) -> None:
     A = WritebackAttempt
-    started = db.scalar(select(A.started_at).where(A.job_id == job.id, A.attempt_no == job.attempt_no))
+    started = job.started_at or db.scalar(select(A.started_at).where(A.job_id == job.id,
+                                                                     A.attempt_no == job.attempt_no))
     duration = int((now - _aware(started)).total_seconds() * 1000) if started else None
     db.execute(update(A).where(A.job_id == job.id, A.attempt_no == job.attempt_no)
                .values(outcome=outcome.value, finished_at=now, duration_ms=duration, http_status=http_status,
