@@ -36,6 +36,9 @@ class WritebackJob(Base):
         Index("ix_writeback_jobs_lease", "lease_until", postgresql_where=text("state = 'running'")),
         Index("ix_writeback_jobs_ticket_key_id", "ticket_key", "id"),
         Index("ix_writeback_jobs_state_created", "state", "created_at"),
+        # Fair scheduling: an account's live backlog, counted at enqueue (tasks.enqueue.fair_priority).
+        Index("ix_writeback_jobs_account_live", "account_id",
+              postgresql_where=text("state IN ('queued', 'retrying', 'running')")),
     )
 
     id: Mapped[intpk]

@@ -11,7 +11,7 @@ import logging
 import uuid
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -62,8 +62,35 @@ def enqueue(db: Session | None, kind: JobKind | str, **intent: Any) -> int:
             return enqueue(own, kind, **intent)
     job = build_job(db, v.kind(kind), **intent)
     if job.state == JobState.QUEUED.value and job.attempts == 0:
-        publish_after_commit(db, job)
+        publish_after_commit(db, job, fair_priority(db, job.account_id))
     return job.id
+
+
+# --- fairness across tenants ----------------------------------------------------------------
+# One FIFO would make a tenant's single Resolve wait behind another tenant's 5,000-job sweep.
+# Redis serves a queue's priority lists in order (kombu's BRPOP names `writeback` first,
+# then `writeback\x06\x163`, ...\x166, ...\x169: with Redis, 0 is the *highest*). So each
+# message's priority comes from its tenant's live backlog when it is enqueued: an account's
+# first few live jobs go to 0, a flood's later ones to 3, 6, 9. A quiet tenant's job is thus
+# at most FAIR_STEPS[0] messages (per busy tenant) from the head of the queue, whatever the
+# other tenants have queued. Order within a ticket is kept by the claim, not by the queue,
+# and the row stays the promise: priority only decides which message a free thread takes.
+FAIR_STEPS = ((8, 0), (64, 3), (512, 6))
+FLOOD_PRIORITY = 9
+# Messages we publish without a backlog count (the sweeper, the next job of a ticket): a
+# middle step, behind every quiet tenant's new jobs, ahead of a flood's tail.
+DEFAULT_PRIORITY = 3
+_LIVE = [JobState.QUEUED.value, JobState.RETRYING.value, JobState.RUNNING.value]
+
+
+def fair_priority(db: Session, account_id: int) -> int:
+    """The broker priority for an account's next job: one indexed, bounded count (the
+    partial index ix_writeback_jobs_account_live; it stops at the last step's size)."""
+    limit = FAIR_STEPS[-1][0]
+    live = select(WritebackJob.id).where(WritebackJob.account_id == account_id,
+                                         WritebackJob.state.in_(_LIVE)).limit(limit).subquery()
+    backlog = db.scalar(select(func.count()).select_from(live)) or 0
+    return next((pri for size, pri in FAIR_STEPS if backlog <= size), FLOOD_PRIORITY)
 
 
 def build_job(db: Session, kind: JobKind, *, session_id: Any, markdown: Any = None, visibility: Any = None,
@@ -177,9 +204,9 @@ def _same_intent_or_conflict(existing: WritebackJob, kind: JobKind, session_id: 
 
 # --- publish after commit -----------------------------------------------------------------
 
-def publish_after_commit(db: Session, job: WritebackJob) -> None:
-    pending: list[tuple[int, str]] = db.info.setdefault(_PENDING, [])
-    pending.append((job.id, job.kind))
+def publish_after_commit(db: Session, job: WritebackJob, priority: int | None = None) -> None:
+    pending: list[tuple[int, str, int | None]] = db.info.setdefault(_PENDING, [])
+    pending.append((job.id, job.kind, priority))
     if not db.info.get(_PENDING + "_hooked"):
         db.info[_PENDING + "_hooked"] = True
         event.listen(db, "after_commit", _publish_pending)
@@ -192,21 +219,21 @@ def _publish_pending(db: Session) -> None:
     outer = db.get_transaction()
     if outer is not None and outer.is_active:
         return
-    for job_id, kind in db.info.pop(_PENDING, []):
-        publish(job_id, kind)
+    for job_id, kind, priority in db.info.pop(_PENDING, []):
+        publish(job_id, kind, priority=priority)
 
 
 def _drop_pending(db: Session) -> None:
     db.info.pop(_PENDING, None)
 
 
-def publish(job_id: int, kind: str, countdown: float | None = None) -> bool:
+def publish(job_id: int, kind: str, countdown: float | None = None, priority: int | None = None) -> bool:
     """Send "look at job N". A failure is logged, not raised: the sweeper re-publishes."""
     from worker.app import app
 
     try:
         app.send_task(TASK_NAMES[JobKind(kind)], kwargs={"job_id": job_id}, countdown=countdown,
-                      queue="writeback")
+                      queue="writeback", priority=DEFAULT_PRIORITY if priority is None else priority)
         return True
     except Exception as err:  # broker down: the committed row is the promise
         log.warning("publish of job %s failed (%s); the sweeper will re-publish it", job_id, type(err).__name__)
