@@ -96,7 +96,11 @@ def run_job(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any, inten
                          countdown=min(outcome.delay + (0.5 if refused == "running" else 0), max_countdown()),
                          max_retries=None)
     if outcome.status in ("succeeded", "verification_failed", "failed"):
-        _wake_next_on_ticket(job_id)
+        if outcome.next_known:  # looked up in the outcome's own transaction
+            if outcome.next_on_ticket is not None:
+                publish(*outcome.next_on_ticket)
+        else:
+            _wake_next_on_ticket(job_id)
     if outcome.status == "failed":
         raise JobFailed(f"job {job_id} failed: {outcome.message}")
     if outcome.status == "verification_failed":
