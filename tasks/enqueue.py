@@ -236,5 +236,5 @@ def publish(job_id: int, kind: str, countdown: float | None = None, priority: in
                       queue="writeback", priority=DEFAULT_PRIORITY if priority is None else priority)
         return True
     except Exception as err:  # broker down: the committed row is the promise
-        log.warning("publish of job %s failed (%s); the sweeper will re-publish it", job_id, type(err).__name__)
+        log.warning("publish of job %s failed (%s: %s); the sweeper will re-publish it", job_id, type(err).__name__, err)
         return False

@@ -110,10 +110,10 @@ def test_jobs_enqueued_together_are_published_only_after_the_outer_commit(world,
     seen: list[tuple[int, bool]] = []
     real_publish = enq.publish
 
-    def spy(job_id, kind, countdown=None):
+    def spy(job_id, kind, countdown=None, **options):
         with session_scope() as other:  # another connection: sees only committed rows
             seen.append((job_id, other.get(WritebackJob, job_id) is not None))
-        return real_publish(job_id, kind, countdown)
+        return real_publish(job_id, kind, countdown, **options)
 
     monkeypatch.setattr(enq, "publish", spy)
     sids = [world.session(5100 + i) for i in range(3)]
