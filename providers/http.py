@@ -16,6 +16,7 @@ from providers.errors import PsaProtocolError, PsaTransientError, from_response
 
 CallHook = Callable[..., None]
 _observers: list[CallHook] = []
+_gates: list[CallHook] = []
 _sessions: dict[str, requests.Session] = {}
 _sessions_lock = threading.Lock()
 
@@ -24,6 +25,13 @@ def add_observer(hook: CallHook) -> None:
     """hook(provider=, operation=, status=, seconds=, error=) after every PSA call."""
     if hook not in _observers:
         _observers.append(hook)
+
+
+def add_gate(gate: CallHook) -> None:
+    """gate(provider, operation) before every PSA call; it may sleep, or raise a PsaError
+    to refuse the call (a rate limiter: tasks.ratelimit)."""
+    if gate not in _gates:
+        _gates.append(gate)
 
 
 def timeouts() -> tuple[float, float]:
@@ -53,6 +61,8 @@ def call(session: requests.Session, method: str, url: str, *, provider: str, ope
          headers: dict[str, str], json: Any = None, params: dict[str, Any] | None = None) -> Any:
     """Send one request; return parsed JSON or raise a typed PsaError. Never retries itself:
     retry decisions belong to the job, which knows whether a POST may be repeated."""
+    for gate in _gates:
+        gate(provider, operation)
     started = time.monotonic()
     status: int | None = None
     error: str | None = None

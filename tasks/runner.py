@@ -7,6 +7,7 @@ PSA call (STYLE habit 5).
 from __future__ import annotations
 
 import logging
+import random
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,13 +15,15 @@ from typing import Any
 from models import AttemptOutcome, JobState, SessionStatus, utcnow
 from models.crypto import ConfigurationError
 from providers import provider_for
-from providers.errors import PsaAuthError, PsaError
-from tasks import events, steps, store
+from providers.errors import PsaAuthError, PsaError, PsaRateLimited
+from providers.http import add_gate
+from tasks import events, ratelimit, steps, store
 from tasks.errors import LeaseLost, WorkerLost
 from tasks.retry import RetryPolicy
 from tasks.store import ClaimedJob, ClaimRefusal
 
 log = logging.getLogger("psa_writeback.runner")
+add_gate(ratelimit.gate)  # per-connection cooldown and token bucket before every PSA call
 
 _DONE_STATUS = {"resolve": SessionStatus.RESOLVED, "escalate": SessionStatus.ESCALATED}
 _LOCAL_STATUS = {"resolve": SessionStatus.RESOLVED_LOCAL, "escalate": SessionStatus.ESCALATED_LOCAL}
@@ -77,6 +80,14 @@ def _refused(refusal: ClaimRefusal) -> Outcome:
 def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
     if job.connection_id is None:
         return _finish_local(job)
+    # every PSA call below passes the connection's gate (cooldown after a 429, token bucket)
+    limited = ratelimit.connection_key(job.connection_id, job.credentials.base_url) if job.credentials else None
+    job.scratch["limit_key"] = limited
+    with ratelimit.counting_against(limited):
+        return _run_calls(job, policy)
+
+
+def _run_calls(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
     step = "note"
     try:
         provider = provider_for(job.provider or "", job.credentials)
@@ -160,6 +171,10 @@ def _finish_transition(job: ClaimedJob, note: steps.NoteResult | None, t: steps.
 
 
 def _psa_error(job: ClaimedJob, err: PsaError, step: str, policy: RetryPolicy) -> Outcome:
+    if isinstance(err, ratelimit.Throttled):
+        return _defer(job, err, step)
+    if isinstance(err, PsaRateLimited) and job.scratch.get("limit_key"):
+        ratelimit.start_cooldown(job.scratch["limit_key"], err.retry_after)  # every worker backs off
     if isinstance(err, PsaAuthError):
         events.emit("psa_auth_failed", connection_id=job.connection_id, account_id=job.account_id,
                     provider=job.provider, job_id=job.id, message=str(err))
@@ -171,6 +186,18 @@ def _psa_error(job: ClaimedJob, err: PsaError, step: str, policy: RetryPolicy) -
     store.schedule_retry(job, delay, err, err.status_code, step)
     log.warning("attempt %s of job %s failed (%s); retrying in %.1fs", job.attempt_no, job.id, err, delay,
                 extra={"job_id": job.id, "step": step})
+    events.emit("job_retry_scheduled", job_id=job.id, kind=job.kind, provider=job.provider,
+                attempt=job.attempt_no, delay=delay, error_type=type(err).__name__)
+    return Outcome(job.id, "retry", str(err), delay=delay)
+
+
+def _defer(job: ClaimedJob, err: PsaError, step: str) -> Outcome:
+    """Our own limiter refused the call: come back when it allows, without spending an
+    attempt (the attempt row stays, outcome "retry", so the history shows the wait). A
+    little jitter so a tenant's deferred jobs do not all return in the same instant."""
+    delay = (err.retry_after or ratelimit.default_cooldown()) + random.uniform(0, 0.5)
+    store.schedule_retry(job, delay, err, None, step, spend_attempt=False)
+    log.info("job %s deferred %.1fs: %s", job.id, delay, err.message, extra={"job_id": job.id, "step": step})
     events.emit("job_retry_scheduled", job_id=job.id, kind=job.kind, provider=job.provider,
                 attempt=job.attempt_no, delay=delay, error_type=type(err).__name__)
     return Outcome(job.id, "retry", str(err), delay=delay)

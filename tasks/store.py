@@ -369,7 +369,9 @@ def finish(job: ClaimedJob, state: JobState, outcome: AttemptOutcome, *, result:
 
 @db_retry
 def schedule_retry(job: ClaimedJob, delay: float, error: BaseException, http_status: int | None,
-                   step: str | None) -> dt.datetime:
+                   step: str | None, *, spend_attempt: bool = True) -> dt.datetime:
+    """Back to `retrying` at now + delay. spend_attempt=False (our own rate limiter said
+    "not now") gives the attempt back by raising max_attempts: the row stays in the history."""
     now = utcnow()
     due = now + dt.timedelta(seconds=delay)
     note_job, note_session = _note_values(job)
@@ -377,7 +379,7 @@ def schedule_retry(job: ClaimedJob, delay: float, error: BaseException, http_sta
         _relaxed(db)  # see _RELAXED: a lost retry schedule leaves the job on our lease
         if not _guarded(db, job, done_state=JobState.RETRYING.value, state=JobState.RETRYING.value,
                         next_attempt_at=due, lease_until=None, published_at=due, **_error_columns(error),
-                        **note_job):
+                        **note_job, **({} if spend_attempt else {"max_attempts": WritebackJob.max_attempts + 1})):
             return due
         if note_session:
             db.execute(update(AiSession).where(AiSession.id == job.session_id).values(updated_at=now, **note_session))
