@@ -252,6 +252,8 @@ def backlog(finished: int, due: int) -> dict:
             # the claim's UPDATE may be inside a WITH (claim + attempt row in one statement)
             if "UPDATE WRITEBACK_JOBS SET STATE" in statement.upper():
                 captured.append((statement, params))
+            elif "WITH claimed AS (" in statement:  # the claim's last statement (after SET and the lock)
+                captured.append((statement[statement.index("WITH claimed AS ("):], params))
             elif "FOR UPDATE" in statement.upper() and "FROM WRITEBACK_JOBS" in statement.upper():
                 swept.append((statement, params))
 
