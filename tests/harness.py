@@ -260,27 +260,31 @@ class TaskEvents:
 @contextlib.contextmanager
 def publishing_to(broker_url: str):
     """Point this process's Celery app (what the enqueue API publishes with) at another
-    broker for the duration, e.g. a private RedisServer that a test stops and restarts."""
+    broker for the duration, e.g. a private RedisServer that a test stops and restarts.
+    The app's own pools are set aside and put back untouched (kombu shares pools between
+    equal connections process-wide, so closing them would break every later publish)."""
+    from kombu import pools
+
     from worker.app import app
 
-    saved = (app.conf.broker_url, app.conf.broker_transport_options)
-    options = {k: v for k, v in (saved[1] or {}).items() if k != "global_keyprefix"}
-
-    def _reset_pools() -> None:
-        if app._pool is not None:
-            app._pool.force_close_all()
-        app._pool = None
-        app.amqp._producer_pool = None
-
+    saved = (app.conf.broker_url, app.conf.broker_transport_options, app._pool, app.amqp._producer_pool)
     saved_env = os.environ.get("CELERY_BROKER_URL")
+    options = {k: v for k, v in (saved[1] or {}).items() if k != "global_keyprefix"}
     os.environ["CELERY_BROKER_URL"] = broker_url  # Celery's conf reads this before broker_url
     app.conf.broker_url, app.conf.broker_transport_options = broker_url, options
-    _reset_pools()
+    app._pool, app.amqp._producer_pool = None, None
+    temporary = app.connection_for_write()
     try:
         yield app
     finally:
-        _reset_pools()
-        app.conf.broker_url, app.conf.broker_transport_options = saved
+        if app._pool is not None:
+            app._pool.force_close_all()
+        for group in (pools.producers, pools.connections):  # the next server may reuse the port
+            try:
+                del group[temporary]
+            except KeyError:
+                pass
+        app.conf.broker_url, app.conf.broker_transport_options, app._pool, app.amqp._producer_pool = saved
         if saved_env is None:
             os.environ.pop("CELERY_BROKER_URL", None)
         else:
