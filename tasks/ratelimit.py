@@ -7,8 +7,11 @@ Two rules, both keyed by the connection (a tenant's PSA), never global:
   an HTTP call and without spending an attempt (runner), so a 429 storm slows that tenant
   alone and never turns into a retry storm.
 - Token bucket: at most PSA_RATE_LIMIT_PER_SECOND calls per second per connection
-  (burst PSA_RATE_LIMIT_BURST), one Lua call per HTTP call. A short wait for a token is
-  slept; a longer one defers the job like a cooldown does. 0 turns the bucket off.
+  (burst PSA_RATE_LIMIT_BURST). A job takes the tokens of all its calls at its first call
+  (one Lua call per job, not per call: a Redis round trip per HTTP call was a tenth of a
+  worker's time); its later calls pass, and a 429 among them still starts the cooldown. A
+  short wait for tokens is slept; a longer one defers the job like a cooldown does. 0 turns
+  the bucket off.
 
 Redis is RATE_LIMIT_REDIS_URL, else the broker when it is Redis; without Redis (the demo)
 both rules are off. If Redis fails, calls go ahead (fail open): the PSA's own 429s and the
@@ -34,7 +37,7 @@ _client_lock = threading.Lock()
 _clients: dict[str, Any] = {}
 _failed_at = 0.0
 
-# KEYS[1] cooldown, KEYS[2] bucket; ARGV rate/s, burst, now (s), longest wait (s). One round trip per call:
+# KEYS[1] cooldown, KEYS[2] bucket; ARGV rate/s, burst, now (s), longest wait (s), tokens. One round trip per call:
 # returns -ms while cooling down, else the ms to wait for a token (0: taken; rate 0: off).
 _GATE = """
 local cool = redis.call('PTTL', KEYS[1])
@@ -46,9 +49,10 @@ local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
 tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
 -- A caller that will sleep for its token takes it now (the bucket goes into debt), so the
 -- next caller queues behind it; one that would wait longer than ARGV[4] takes nothing.
+local cost = math.min(tonumber(ARGV[5]), burst)
 local wait = 0
-if tokens < 1 then wait = math.ceil((1 - tokens) / rate * 1000) end
-if wait <= tonumber(ARGV[4]) * 1000 then tokens = tokens - 1 end
+if tokens < cost then wait = math.ceil((cost - tokens) / rate * 1000) end
+if wait <= tonumber(ARGV[4]) * 1000 then tokens = tokens - cost end
 redis.call('HSET', KEYS[2], 'tokens', tokens, 'at', now)
 redis.call('PEXPIRE', KEYS[2], math.ceil(burst / rate * 1000) + 1000)
 return wait
@@ -153,41 +157,43 @@ def start_cooldown(connection: str, seconds: float | None) -> float:
 
 
 @_guard(0.0)
-def take_token(connection: str) -> float:
-    """Take one call's token. Returns the seconds to wait first (0: go now), or minus the
+def take_token(connection: str, cost: int = 1) -> float:
+    """Take `cost` calls' tokens. Returns the seconds to wait first (0: go now), or minus the
     seconds of cooldown left when the connection is cooling down (no token taken)."""
     client = _redis()
     if client is None:
         return 0.0
     wait_ms = client._pswb_scripts[0](keys=[_key("cooldown", connection), _key("bucket", connection)],
-                                      args=[rate_per_second(), burst(), time.time(), max_wait()])
+                                      args=[rate_per_second(), burst(), time.time(), max_wait(), cost])
     return int(wait_ms) / 1000
 
 
 @contextlib.contextmanager
-def counting_against(connection: str | None) -> Iterator[None]:
-    """PSA calls made by this thread inside the block count against `connection`."""
-    previous = getattr(_local, "connection", None)
-    _local.connection = connection
+def counting_against(connection: str | None, calls: int = 1) -> Iterator[None]:
+    """PSA calls made by this thread inside the block count against `connection`: the first
+    one passes the gate for `calls` calls (the job's expected number), the others go."""
+    previous = getattr(_local, "connection", None), getattr(_local, "cost", 0)
+    _local.connection, _local.cost = connection, calls
     try:
         yield
     finally:
-        _local.connection = previous
+        _local.connection, _local.cost = previous
 
 
 def gate(provider: str, operation: str) -> None:
     """Called before every PSA call (providers.http): wait for the connection's cooldown
     and a token, or raise Throttled when that would take longer than max_wait()."""
-    connection = getattr(_local, "connection", None)
-    if connection is None:
+    connection, cost = getattr(_local, "connection", None), getattr(_local, "cost", 0)
+    if connection is None or cost <= 0:
         return
-    wait = take_token(connection)
+    wait = take_token(connection, cost)
     if wait < 0:
         raise Throttled(f"{provider} connection {connection} is cooling down after a 429",
                         retry_after=-wait, operation=operation)
     if wait > max_wait():
         raise Throttled(f"{provider} connection {connection} is over its rate limit "
                         f"({rate_per_second():g}/s)", retry_after=wait, operation=operation)
+    _local.cost = 0  # admitted: the job's other calls pass
     if wait > 0:
         time.sleep(wait)
 

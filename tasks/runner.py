@@ -83,7 +83,8 @@ def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
     # every PSA call below passes the connection's gate (cooldown after a 429, token bucket)
     limited = ratelimit.connection_key(job.connection_id, job.credentials.base_url) if job.credentials else None
     job.scratch["limit_key"] = limited
-    with ratelimit.counting_against(limited):
+    calls = (2 if job.markdown is not None else 0) + (3 if job.target_status_id is not None else 0)
+    with ratelimit.counting_against(limited, calls=max(calls, 1)):
         return _run_calls(job, policy)
 
 

@@ -38,8 +38,8 @@ def test_the_bucket_lets_a_burst_through_then_holds_calls_to_the_rate(limiter_ke
     key, other = limiter_keys(), limiter_keys()
     # when 15 calls pass the gate
     started = time.monotonic()
-    with ratelimit.counting_against(key):
-        for _ in range(15):
+    for _ in range(15):  # one call per job here
+        with ratelimit.counting_against(key):
             ratelimit.gate("connectwise", "get_ticket")
     elapsed = time.monotonic() - started
     # then the 5 of the burst went at once and the other 10 at 10/s
@@ -55,11 +55,25 @@ def test_a_wait_longer_than_the_maximum_defers_instead_of_sleeping(limiter_keys,
     key = limiter_keys()
     with ratelimit.counting_against(key):
         ratelimit.gate("connectwise", "get_ticket")  # the burst's one token
-        started = time.monotonic()
-        with pytest.raises(ratelimit.Throttled) as refused:
-            ratelimit.gate("connectwise", "get_ticket")
+    started = time.monotonic()
+    with ratelimit.counting_against(key), pytest.raises(ratelimit.Throttled) as refused:
+        ratelimit.gate("connectwise", "get_ticket")
     assert time.monotonic() - started < 0.3  # no thread parked for the 2 s a token takes
     assert 1.5 <= refused.value.retry_after <= 2.01
+
+
+def test_a_job_takes_the_tokens_of_all_its_calls_at_its_first_call(limiter_keys, monkeypatch):
+    # given 5 calls/s with a burst of 5, and a job of 5 calls
+    monkeypatch.setenv("PSA_RATE_LIMIT_PER_SECOND", "5")
+    monkeypatch.setenv("PSA_RATE_LIMIT_BURST", "5")
+    key = limiter_keys()
+    started = time.monotonic()
+    with ratelimit.counting_against(key, calls=5):
+        for _ in range(5):
+            ratelimit.gate("connectwise", "get_ticket")
+    # then it went at once, and the next job waits for a second's worth of tokens
+    assert time.monotonic() - started < 0.3
+    assert 0.9 <= ratelimit.take_token(key, 5) <= 1.05
 
 
 def test_the_cooldown_lasts_retry_after_and_is_never_shortened(limiter_keys):
