@@ -12,7 +12,9 @@ import time
 import pytest
 import requests
 
-from models import PsaConnection
+from sqlalchemy import select
+
+from models import PsaConnection, WritebackJob
 from models.db import session_scope
 from tasks import admin
 from tests.factories import session_row, wait_terminal
@@ -151,9 +153,15 @@ def test_no_credential_or_note_body_in_any_log_line_or_in_flower(world, json_wor
     assert wait_terminal(resolve_id).state == wait_terminal(escalate_id).state == "succeeded"
     assert wait_terminal(dead_id).state == "failed"
     wait_for(lambda: session_row(by_name_sid).status == "resolved", message="by-name job")
-    by_name = flower_task(flower, lambda t: "'session_id'" in (t.get("kwargs") or "") and t["state"] == "SUCCESS",
-                          "by-name task in flower")
-    assert by_name["kwargs"] == f"{{'session_id': {by_name_sid}, 'markdown': '<str redacted>'}}"
+    with session_scope() as db:
+        by_name_job = db.scalar(select(WritebackJob.id).where(WritebackJob.session_id == by_name_sid))
+    # its retry carried only the job id (the markdown never travels twice), and its first
+    # delivery, with the intent, showed the markdown redacted
+    by_name = flower_task(flower, lambda t: t.get("kwargs") == f"{{'job_id': {by_name_job}}}" and
+                          t["state"] == "SUCCESS", "by-name task in flower")
+    received = wait_for(lambda: [e for e in events.events if e["type"] == "task-received"
+                                 and e.get("uuid") == by_name["uuid"]], message="the by-name task's deliveries")
+    assert received[0]["kwargs"] == f"{{'session_id': {by_name_sid}, 'markdown': '<str redacted>'}}"
     flower_task(flower, lambda t: t.get("kwargs") == f"{{'job_id': {dead_id}}}" and t["state"] == "FAILURE",
                 "failed task in flower")
     time.sleep(0.5)  # let the last lines reach the log file
