@@ -71,3 +71,14 @@ def world(db_clean, sim):
     from tests.factories import World
 
     return World.create(sim)
+
+
+@pytest.fixture()
+def task_events(worker):
+    """Task events as Flower sees them, from the suite's worker."""
+    from tests.harness import TaskEvents
+
+    events = TaskEvents(worker.env["CELERY_BROKER_URL"],
+                        {"global_keyprefix": worker.env["CELERY_REDIS_KEY_PREFIX"]}).start()
+    yield events
+    events.stop()

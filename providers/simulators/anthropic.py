@@ -23,8 +23,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from providers.simulators import LoopbackServer
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
@@ -72,8 +74,8 @@ def _script_exhausted(request: RecordedRequest) -> Reply:
     return Reply(status=500, error_type="api_error", message="fake Anthropic: no scripted reply left for this request")
 
 
-class FakeAnthropic(ThreadingHTTPServer):
-    daemon_threads = True
+class FakeAnthropic(LoopbackServer):
+    thread_name = "fake-anthropic"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         super().__init__((host, port), _Handler)
@@ -112,14 +114,6 @@ class FakeAnthropic(ThreadingHTTPServer):
         with self.lock:
             return [r for r in self.requests if r.path == "/v1/messages"]
 
-    def start(self) -> "FakeAnthropic":
-        self._thread = threading.Thread(target=self.serve_forever, name="fake-anthropic", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
 
     # --- serving -----------------------------------------------------------------------
     def next_reply(self, request: RecordedRequest) -> Reply:

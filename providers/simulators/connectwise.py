@@ -28,8 +28,10 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from providers.simulators import LoopbackServer
 
 DEFAULT_STATUSES = {1: ("New", False), 5: ("In Progress", False), 7: ("Escalated", False),
                     9: ("Resolved", True), 11: ("Closed", True)}
@@ -330,8 +332,8 @@ def _error_body(status: int) -> dict[str, Any]:
     return {"code": "ConnectWiseApi", "message": f"Simulated server error {status}", "errors": None}
 
 
-class SimulatorServer(ThreadingHTTPServer):
-    daemon_threads = True
+class SimulatorServer(LoopbackServer):
+    thread_name = "cw-simulator"
     request_queue_size = 256
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, state: SimState | None = None) -> None:
@@ -353,14 +355,6 @@ class SimulatorServer(ThreadingHTTPServer):
     def base_url(self) -> str:
         return self.root_url + "/v4_6_release/apis/3.0"
 
-    def start(self) -> "SimulatorServer":
-        self._thread = threading.Thread(target=self.serve_forever, name="cw-simulator", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
 
 
 def main(argv: list[str] | None = None) -> None:

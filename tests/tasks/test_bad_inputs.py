@@ -18,7 +18,7 @@ from models import AiSession, PsaConnection, WritebackAttempt, WritebackJob
 from models.db import session_scope
 from tasks import ConflictError, NotFoundError, RequestError, admin, enqueue
 from tests.factories import World
-from tests.harness import TaskEvents, wait_for
+from tests.harness import wait_for
 
 BIG = "x" * 60_001
 
@@ -235,14 +235,6 @@ TASK_ROWS: list[TaskRow] = [
     ("vanished-job", "writeback.resolve", lambda c: [], lambda c: {"job_id": 987654}, "PoisonMessage",
      "job 987654 does not exist"),
 ]
-
-
-@pytest.fixture()
-def task_events(worker):
-    events = TaskEvents(worker.env["CELERY_BROKER_URL"],
-                        {"global_keyprefix": worker.env["CELERY_REDIS_KEY_PREFIX"]}).start()
-    yield events
-    events.stop()
 
 
 def _client(worker) -> Celery:

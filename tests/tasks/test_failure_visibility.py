@@ -12,14 +12,6 @@ from tests.factories import wait_terminal
 from tests.harness import TaskEvents, wait_for
 
 
-@pytest.fixture()
-def task_events(worker):
-    events = TaskEvents(worker.env["CELERY_BROKER_URL"],
-                        {"global_keyprefix": worker.env["CELERY_REDIS_KEY_PREFIX"]}).start()
-    yield events
-    events.stop()
-
-
 def _task_of(events: TaskEvents, job_id: int) -> str:
     def find() -> str | None:
         for e in list(events.events):
