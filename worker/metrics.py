@@ -157,8 +157,11 @@ class QueueCollector(Collector):
             length = GaugeMetricFamily(f"{NS}_broker_queue_length", "Messages waiting in the Redis queue",
                                        labels=["queue"])
             prefix = os.environ.get("CELERY_REDIS_KEY_PREFIX", "")  # celeryconfig's global_keyprefix
-            for queue in ("writeback",):
-                length.add_metric([queue], client.llen(prefix + queue))
+            for queue in ("writeback", "drafting"):
+                # kombu keeps one list per priority step (fair scheduling publishes to 0, 3, 6,
+                # 9): `writeback` is step 0, the others are `writeback\x06\x16<step>`.
+                names = [queue] + [f"{queue}\x06\x16{step}" for step in (3, 6, 9)]
+                length.add_metric([queue], sum(client.llen(prefix + name) for name in names))
             client.close()
         except Exception as err:
             log.warning("metrics scrape could not read the broker: %s", type(err).__name__)
