@@ -1,12 +1,15 @@
 """Input validation for every public entry point (enqueue API, tasks by name, CLI)."""
 from __future__ import annotations
 
+import enum
 import re
 import unicodedata
-from typing import Any
+from typing import Any, TypeVar
 
 from models.enums import JobKind, NoteVisibility
 from tasks.errors import RequestError
+
+E = TypeVar("E", bound=enum.Enum)
 
 MAX_MARKDOWN_CHARS = 60_000
 MAX_IDEMPOTENCY_KEY = 255
@@ -51,20 +54,21 @@ def markdown(value: Any, field: str = "markdown") -> str:
     return unicodedata.normalize("NFC", value.replace("\r\n", "\n"))
 
 
-def visibility(value: Any) -> NoteVisibility:
+def choice(enum_cls: type[E], value: Any, field: str) -> E:
+    """`value` as a member of `enum_cls`, or a RequestError that lists the allowed values."""
     try:
-        return NoteVisibility(value)
+        return enum_cls(value)
     except ValueError:
-        allowed = ", ".join(v.value for v in NoteVisibility)
-        raise RequestError(f"visibility must be one of {allowed}, got {_describe(value)}", field="visibility") from None
+        allowed = ", ".join(member.value for member in enum_cls)
+        raise RequestError(f"{field} must be one of {allowed}, got {_describe(value)}", field=field) from None
+
+
+def visibility(value: Any) -> NoteVisibility:
+    return choice(NoteVisibility, value, "visibility")
 
 
 def kind(value: Any) -> JobKind:
-    try:
-        return JobKind(value)
-    except ValueError:
-        allowed = ", ".join(v.value for v in JobKind)
-        raise RequestError(f"kind must be one of {allowed}, got {_describe(value)}", field="kind") from None
+    return choice(JobKind, value, "kind")
 
 
 def idempotency_key(value: Any) -> str | None:

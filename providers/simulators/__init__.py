@@ -20,3 +20,10 @@ class LoopbackServer(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+    def serve_until_interrupted(self) -> None:
+        """Serve in the foreground (the `python -m ...` entry points) until Ctrl-C."""
+        try:
+            self.serve_forever()
+        except KeyboardInterrupt:
+            pass

@@ -207,10 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.text:
         server.responder = lambda _request: Reply(text=args.text)
     print(json.dumps({"base_url": server.base_url}), flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    server.serve_until_interrupted()
 
 
 if __name__ == "__main__":

@@ -367,10 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     server.state.latency = args.latency
     server.state.auto_create_tickets = args.auto_tickets
     print(json.dumps({"base_url": server.base_url, "root_url": server.root_url}), flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    server.serve_until_interrupted()
 
 
 if __name__ == "__main__":
