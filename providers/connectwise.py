@@ -45,7 +45,7 @@ class ConnectWiseProvider:
             "Content-Type": "application/json",
             "Cache-Control": "no-cache",
         }
-        self._session = pooled_session(f"cw|{self._base}|{token}|{credentials.client_id}")
+        self._session = pooled_session(f"cw|{self._base}|{token}|{credentials.client_id}", self._base)
 
     def __repr__(self) -> str:
         return f"<ConnectWiseProvider {self._base}>"

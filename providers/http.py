@@ -38,11 +38,16 @@ def timeouts() -> tuple[float, float]:
     return (float(os.environ.get("PSA_CONNECT_TIMEOUT", "5")), float(os.environ.get("PSA_READ_TIMEOUT", "30")))
 
 
-def pooled_session(key_material: str) -> requests.Session:
+def pooled_session(key_material: str, base_url: str) -> requests.Session:
     """One keep-alive session per PSA connection, shared by the worker's threads.
 
     requests.Session is safe to share for plain calls without cookies; the adapter's pool
     is sized to the worker concurrency so threads do not open throwaway connections.
+
+    The environment is read once, here, not on every request (`trust_env`): requests would
+    otherwise re-scan os.environ for proxies and stat ~/.netrc per call (a tenth of a
+    worker's CPU per job), and a ~/.netrc entry for the PSA's host would silently replace
+    our Authorization header. HTTP(S)_PROXY / NO_PROXY and REQUESTS_CA_BUNDLE still apply.
     """
     key = hashlib.sha256(key_material.encode()).hexdigest()
     with _sessions_lock:
@@ -50,6 +55,9 @@ def pooled_session(key_material: str) -> requests.Session:
         if session is None:
             size = int(os.environ.get("PSA_HTTP_POOL_SIZE", os.environ.get("WORKER_CONCURRENCY", "32")))
             session = requests.Session()
+            session.trust_env = False
+            session.proxies = requests.utils.get_environ_proxies(base_url)
+            session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
             adapter = HTTPAdapter(pool_connections=4, pool_maxsize=size, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)

@@ -11,7 +11,10 @@ log = logging.getLogger("psa_writeback.events")
 _subscribers: dict[str, list[Callable[..., None]]] = defaultdict(list)
 
 # Event names and their keyword arguments:
-#   job_finished(job_id, kind, state, result, error_message, provider, account_id, ticket_id, connection_id, attempts)
+#   job_claimed(job_id, account_id, provider, ticket_id, attempt)
+#   job_finished(job_id, kind, state, result, error_message, provider, account_id, ticket_id, connection_id, attempts,
+#                open_alerts)  open_alerts: False when no alert about the job or its connection's
+#                credentials was open as the outcome was written; None when not known
 #   job_retry_scheduled(job_id, kind, provider, attempt, delay, error_type)
 #   psa_auth_failed(connection_id, account_id, provider, job_id, message)
 

@@ -49,6 +49,9 @@ def execute(job_id: int, task_id: str | None = None, worker: str | None = None,
     if isinstance(claimed, ClaimRefusal):
         return _refused(claimed)
     policy = policy or RetryPolicy.from_env()
+    # The claim read account, provider and ticket already: the log context takes them from here.
+    events.emit("job_claimed", job_id=job_id, account_id=claimed.account_id, provider=claimed.provider,
+                ticket_id=claimed.ticket_id, attempt=claimed.attempt_no)
     log.info("claimed job %s attempt %s", job_id, claimed.attempt_no,
              extra={"job_id": job_id, "step": "claim", "attempt": claimed.attempt_no})
     try:
@@ -215,6 +218,7 @@ def _fail(job: ClaimedJob, message: str, err: BaseException, step: str) -> Outco
 def _done(job: ClaimedJob, state: JobState, result: dict[str, Any], message: str = "") -> Outcome:
     events.emit("job_finished", job_id=job.id, kind=job.kind, state=state.value, result=result,
                 error_message=message or None, provider=job.provider, account_id=job.account_id,
-                ticket_id=job.ticket_id, connection_id=job.connection_id, attempts=job.attempt_no)
+                ticket_id=job.ticket_id, connection_id=job.connection_id, attempts=job.attempt_no,
+                open_alerts=job.scratch.get("open_alerts"))
     return Outcome(job.id, state.value, message, result=result, next_on_ticket=job.scratch.get("next"),
                    next_known="next" in job.scratch)

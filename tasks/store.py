@@ -298,7 +298,33 @@ def _refusal(job: Any, job_id: int, now: dt.datetime, kind: str | None) -> Claim
     return ClaimRefusal("blocked", job_id, job.state)
 
 
-_UPDATE_SQL: dict[tuple[str, tuple[str, ...], str], str] = {}
+_UPDATE_SQL: dict[tuple[str, tuple[str, ...], str, str], str] = {}
+
+
+def _portable(db: Session, values: dict[str, Any]) -> bool:
+    """SQLAlchemy constructs for this write: not PostgreSQL, or SQL expressions as values."""
+    return db.get_bind().dialect.name != "postgresql" or any(
+        hasattr(v, "__clause_element__") or hasattr(v, "_is_clause_element") for v in values.values())
+
+
+def _update_sql(table: str, values: dict[str, Any], where: dict[str, Any], extra: str = "", p: str = "") -> str:
+    """`UPDATE table SET values WHERE where (equalities) [AND extra]` as psycopg2 text, built
+    once per column set; parameters are named p + v_/w_ + column (see _update_params)."""
+    key = (table, tuple(values), ",".join(where) + "|" + extra, p)
+    sql = _UPDATE_SQL.get(key)
+    if sql is None:
+        sets = ", ".join(f"{k} = %({p}v_{k})s" for k in values)
+        conds = " AND ".join([f"{k} = %({p}w_{k})s" for k in where] + ([extra] if extra else []))
+        sql = _UPDATE_SQL.setdefault(key, f"UPDATE {table} SET {sets} WHERE {conds}")
+    return sql
+
+
+def _update_params(values: dict[str, Any], where: dict[str, Any], p: str = "") -> dict[str, Any]:
+    from psycopg2.extras import Json
+
+    params = {f"{p}w_{k}": v for k, v in where.items()}
+    params.update({f"{p}v_{k}": Json(v) if isinstance(v, (dict, list)) else v for k, v in values.items()})
+    return params
 
 
 def _update(db: Session, model: Any, where: dict[str, Any], values: dict[str, Any], extra: str = "") -> int:
@@ -307,34 +333,31 @@ def _update(db: Session, model: Any, where: dict[str, Any], values: dict[str, An
     run several times per job, and constructing them with SQLAlchemy cost more CPU than
     the rest of the job's database work. SQL expressions as values take the portable path."""
     table = model.__table__
-    if db.get_bind().dialect.name != "postgresql" or any(hasattr(v, "__clause_element__") or
-                                                         hasattr(v, "_is_clause_element") for v in values.values()):
+    if _portable(db, values):
         stmt = update(model).where(*(table.c[k] == v for k, v in where.items()))
         if extra:
             stmt = stmt.where(text(extra))
         return db.execute(stmt.values(**values)).rowcount
-    key = (table.name, tuple(values), ",".join(where) + "|" + extra)
-    sql = _UPDATE_SQL.get(key)
-    if sql is None:
-        sets = ", ".join(f"{k} = %(v_{k})s" for k in values)
-        conds = " AND ".join([f"{k} = %(w_{k})s" for k in where] + ([extra] if extra else []))
-        sql = _UPDATE_SQL.setdefault(key, f"UPDATE {table.name} SET {sets} WHERE {conds}")
-    from psycopg2.extras import Json
+    sql = _update_sql(table.name, values, where, extra)
+    return db.connection().exec_driver_sql(sql, _update_params(values, where)).rowcount
 
-    params = {f"w_{k}": v for k, v in where.items()}
-    params.update({f"v_{k}": Json(v) if isinstance(v, (dict, list)) else v for k, v in values.items()})
-    return db.connection().exec_driver_sql(sql, params).rowcount
+
+_OWNED = "state = 'running'"  # with claimed_by = the token: this execution still owns the job
 
 
 def _guarded(db: Session, job: ClaimedJob, *, done_state: str | None = None, **values: Any) -> bool:
     """Update the job only while this execution owns it. Returns False (and changes nothing)
     when `done_state` is given and our own earlier commit of that state already landed: a
     db_retry after a reply lost on a killed connection must not count as losing the lease."""
+    rowcount = _update(db, WritebackJob, {"id": job.id, "claimed_by": job.token}, {"updated_at": utcnow(), **values},
+                       extra=_OWNED)
+    return True if rowcount == 1 else _not_owned(db, job, done_state)
+
+
+def _not_owned(db: Session, job: ClaimedJob, done_state: str | None) -> bool:
+    """A guarded write changed nothing: our own earlier commit of `done_state` (False), or
+    another execution owns the job now (LeaseLost)."""
     J = WritebackJob
-    rowcount = _update(db, J, {"id": job.id, "claimed_by": job.token}, {"updated_at": utcnow(), **values},
-                       extra="state = 'running'")
-    if rowcount == 1:
-        return True
     if done_state is not None:
         current = db.execute(select(J.state, J.claimed_by).where(J.id == job.id)).first()
         if current is not None and current.claimed_by == job.token and current.state == done_state:
@@ -412,19 +435,73 @@ def finish(job: ClaimedJob, state: JobState, outcome: AttemptOutcome, *, result:
     """The terminal write: job state + result, session columns, the attempt's outcome."""
     now = utcnow()
     note_job, note_session = _note_values(job)
+    job_columns = {"updated_at": now, "state": state.value, "result": result, "finished_at": now, "lease_until": None,
+                   **_error_columns(error), **note_job, **job_values}
+    session_columns = {**note_session, **(session_values or {})}
+    if session_columns:
+        session_columns["updated_at"] = now
     with session_scope() as db:
-        # Relaxed durability (see _RELAXED), sent with the look-up of the ticket's next job.
-        nxt = _relaxed(db, "SELECT id, kind FROM writeback_jobs WHERE ticket_key = :key AND id > :id "
-                           "AND state IN ('queued', 'retrying') ORDER BY id LIMIT 1",
-                       {"key": job.ticket_key, "id": job.id}).first() if job.ticket_key else None
-        if not _guarded(db, job, done_state=state.value, state=state.value, result=result, finished_at=now,
-                        lease_until=None, **_error_columns(error), **{**note_job, **job_values}):
+        if job.started_at is None or _portable(db, job_columns):
+            nxt = _finish_portable(db, job, state, outcome, now, job_columns, session_columns, error, http_status, step)
+        else:
+            attempt_columns = _attempt_columns(job, outcome, now, error, http_status, step)
+            nxt = _finish_pg(db, job, state, job_columns, session_columns, attempt_columns)
+        if nxt is False:
             return  # already recorded by our own earlier try (see _guarded)
-        if session_values or note_session:
-            _update(db, AiSession, {"id": job.session_id}, {"updated_at": now, **note_session, **(session_values or {})})
-        _close_attempt(db, job, outcome, now, error, http_status, step)
     if job.ticket_key:
         job.scratch["next"] = (nxt.id, nxt.kind) if nxt else None
+
+
+def _finish_pg(db: Session, job: ClaimedJob, state: JobState, job_columns: dict[str, Any],
+               session_columns: dict[str, Any], attempt_columns: dict[str, Any]) -> Any:
+    """finish() on PostgreSQL in one round trip: relaxed durability (see _RELAXED), the
+    guarded job update, the session and attempt updates only if that one matched, and the
+    ticket's next live job. Returns that next job (a row or None), or False when our own
+    earlier try already recorded this outcome."""
+    job_where, attempt_where = {"id": job.id, "claimed_by": job.token}, {"job_id": job.id, "attempt_no": job.attempt_no}
+    parts = [f"j AS ({_update_sql('writeback_jobs', job_columns, job_where, _OWNED, 'j')} RETURNING id)",
+             f"a AS ({_update_sql('writeback_attempts', attempt_columns, attempt_where, 'EXISTS (SELECT 1 FROM j)', 'a')})"]
+    params = {**_update_params(job_columns, job_where, "j"), **_update_params(attempt_columns, attempt_where, "a"),
+              "key": job.ticket_key, "id": job.id}
+    if session_columns:
+        where = {"id": job.session_id}
+        parts.append(f"s AS ({_update_sql('ai_sessions', session_columns, where, 'EXISTS (SELECT 1 FROM j)', 's')})")
+        params.update(_update_params(session_columns, where, "s"))
+    params["conn"] = job.connection_id
+    row = db.connection().exec_driver_sql(
+        f"{_RELAXED}; WITH {', '.join(parts)} SELECT (SELECT count(*) FROM j) AS updated, n.id, n.kind, "
+        f"{_OPEN_ALERTS} AS open_alerts FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT id, kind FROM writeback_jobs "
+        "WHERE ticket_key = %(key)s AND id > %(id)s AND state IN ('queued', 'retrying') ORDER BY id LIMIT 1) AS n "
+        "ON true", params).first()
+    if row.updated != 1:
+        return _not_owned(db, job, state.value)
+    job.scratch["open_alerts"] = row.open_alerts
+    return row if row.id is not None else None
+
+
+# Whether an alert about this job, or an auth alert about its connection, is open: the
+# operations hook that closes them on success (worker.alerts.resolve_on_finish) skips its
+# UPDATE when none is, which is nearly always. Read in the outcome's own round trip.
+_OPEN_ALERTS = ("(EXISTS (SELECT 1 FROM alerts WHERE job_id = %(id)s AND resolved_at IS NULL) OR EXISTS "
+                "(SELECT 1 FROM alerts WHERE connection_id = %(conn)s AND kind = 'auth_failed' AND resolved_at IS NULL))")
+
+
+def _finish_portable(db: Session, job: ClaimedJob, state: JobState, outcome: AttemptOutcome, now: dt.datetime,
+                     job_columns: dict[str, Any], session_columns: dict[str, Any],
+                     error: BaseException | str | tuple[str, str] | None, http_status: int | None,
+                     step: str | None) -> Any:
+    """The same as _finish_pg, a statement at a time (SQLite, or a claim retried after its
+    reply was lost, whose attempt start has to be read back)."""
+    nxt = _relaxed(db, "SELECT id, kind FROM writeback_jobs WHERE ticket_key = :key AND id > :id "
+                       "AND state IN ('queued', 'retrying') ORDER BY id LIMIT 1",
+                   {"key": job.ticket_key, "id": job.id}).first() if job.ticket_key else None
+    job_columns = {k: v for k, v in job_columns.items() if k != "updated_at"}
+    if not _guarded(db, job, done_state=state.value, **job_columns):
+        return False
+    if session_columns:
+        _update(db, AiSession, {"id": job.session_id}, session_columns)
+    _close_attempt(db, job, outcome, now, error, http_status, step)
+    return nxt
 
 
 @db_retry
@@ -458,16 +535,23 @@ def _error_columns(error: BaseException | str | tuple[str, str] | None) -> dict[
     return {"error_type": type(error).__name__, "error_message": str(error)[:ERROR_MESSAGE_LIMIT]}
 
 
+def _attempt_columns(job: ClaimedJob, outcome: AttemptOutcome, now: dt.datetime,
+                     error: BaseException | str | tuple[str, str] | None, http_status: int | None,
+                     step: str | None, started: dt.datetime | None = None) -> dict[str, Any]:
+    started = started or job.started_at
+    duration = int((now - _aware(started)).total_seconds() * 1000) if started else None
+    return dict(outcome=outcome.value, finished_at=now, duration_ms=duration, http_status=http_status, step=step,
+                **_error_columns(error))
+
+
 def _close_attempt(db: Session, job: ClaimedJob, outcome: AttemptOutcome, now: dt.datetime,
                    error: BaseException | str | tuple[str, str] | None, http_status: int | None,
                    step: str | None) -> None:
     A = WritebackAttempt
     started = job.started_at or db.scalar(select(A.started_at).where(A.job_id == job.id,
                                                                      A.attempt_no == job.attempt_no))
-    duration = int((now - _aware(started)).total_seconds() * 1000) if started else None
     _update(db, A, {"job_id": job.id, "attempt_no": job.attempt_no},
-            dict(outcome=outcome.value, finished_at=now, duration_ms=duration, http_status=http_status, step=step,
-                 **_error_columns(error)))
+            _attempt_columns(job, outcome, now, error, http_status, step, started))
 
 
 def _aware(value: dt.datetime) -> dt.datetime:

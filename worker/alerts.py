@@ -302,6 +302,18 @@ def find_unalerted(limit: int = 200) -> list[tuple[int, AlertKind]]:
 
 
 @db_retry
+def resolve_finished_stuck() -> int:
+    """Stuck alerts whose job has finished since: the finishing worker closes them, unless
+    it was killed right after its final commit, or the alert was raised as the job finished."""
+    J = WritebackJob
+    with session_scope() as db:
+        return db.execute(update(Alert).where(
+            Alert.kind == AlertKind.JOB_STUCK.value, Alert.resolved_at.is_(None),
+            exists().where(J.id == Alert.job_id, J.finished_at.is_not(None))).values(
+            resolved_at=utcnow(), resolution="the job has finished since (found by the periodic check)")).rowcount
+
+
+@db_retry
 def overdue_deliveries(limit: int = 200) -> list[int]:
     now = utcnow()
     with session_scope() as db:
@@ -325,10 +337,11 @@ def run_checks() -> dict[str, int]:
     missed = sum(raise_for_job(kind, job_id, details={"reconciled": True}) is not None
                  for job_id, kind in find_unalerted())
     republished = sum(publish_delivery(a) for a in overdue_deliveries()) if webhook_url() else 0
-    return {"stuck": stuck, "reconciled": missed, "republished": republished}
+    return {"stuck": stuck, "reconciled": missed, "republished": republished, "closed": resolve_finished_stuck()}
 
 
 @app.task(name="writeback.check_stuck", acks_late=False, ignore_result=True)
 def check_stuck() -> dict[str, int]:
-    """Beat: stuck-job alerts, missed alerts, lost webhook deliveries."""
+    """Beat: stuck-job alerts, missed alerts, lost webhook deliveries, stuck alerts of jobs
+    that have finished since."""
     return run_checks()

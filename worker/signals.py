@@ -51,13 +51,14 @@ def _log_finished(*, job_id: int, kind: str, state: str, result: dict[str, Any] 
 
 
 def _alert_finished(*, job_id: int, state: str, result: dict[str, Any] | None, connection_id: int | None,
-                    provider: str | None, **_: Any) -> None:
+                    provider: str | None, open_alerts: bool | None = None, **_: Any) -> None:
     error_type = ((result or {}).get("error") or {}).get("type")
     if state == "verification_failed":
         alerts.raise_for_job(AlertKind.VERIFICATION_FAILED, job_id)
     elif state == "failed" and error_type != "PsaAuthError":  # dead credentials page once per connection
         alerts.raise_for_job(AlertKind.JOB_FAILED, job_id)
-    alerts.resolve_on_finish(job_id, state, connection_id if provider is not None else None)
+    if open_alerts is not False:  # the outcome's own write saw none open: nothing to close
+        alerts.resolve_on_finish(job_id, state, connection_id if provider is not None else None)
 
 
 def _count_retry(*, provider: str | None, kind: str, error_type: str | None, **_: Any) -> None:
@@ -92,9 +93,19 @@ http.add_observer(_psa_call)
 
 # --- log context --------------------------------------------------------------------------
 
+def _bind_claimed(*, job_id: int, account_id: int | None, provider: str | None, ticket_id: int | None,
+                  **_: Any) -> None:
+    logs.bind(job_id=job_id, account_id=account_id, provider=provider, ticket_id=ticket_id)
+
+
+events.subscribe("job_claimed", _bind_claimed)
+
+
 def job_context(job_id: int) -> dict[str, Any] | None:
-    """account, provider, ticket of a job: one primary-key read per task (not cached, so a
-    recycled id, as in a truncated test database, can never borrow another job's context)."""
+    """account, provider, ticket of a job: one primary-key read (not cached, so a recycled
+    id, as in a truncated test database, can never borrow another job's context). Only for
+    a line naming a job its task's context does not know yet; a claimed job's context comes
+    with the claim (job_claimed)."""
     from models import WritebackJob
     from models.db import session_scope
 
@@ -114,10 +125,7 @@ def _bind_task(task_id: str | None = None, task: Any = None, kwargs: dict[str, A
     logs.bind(task_id=task_id, task_name=getattr(task, "name", None))
     job_id = (kwargs or {}).get("job_id")
     if isinstance(job_id, int):
-        try:
-            logs.bind(job_id=job_id, **(job_context(job_id) or {}))
-        except Exception:  # a missing database must not fail the task here; the task will say why
-            logs.bind(job_id=job_id)
+        logs.bind(job_id=job_id)  # account, provider, ticket follow with the claim (job_claimed)
     elif (alert_id := (kwargs or {}).get("alert_id")) is not None:
         logs.bind(alert_id=alert_id)
 

@@ -219,3 +219,36 @@ def test_reconciler_raises_the_alert_a_dead_worker_never_raised(world, alert_wor
     assert alert.kind == "verification_failed" and alert.details["reconciled"] is True
     delivered(alert.id)
     assert f"job {job_id}" in receiver.bodies()[0]["text"]
+
+
+def test_a_stuck_job_that_runs_at_last_closes_its_alert_and_the_check_closes_any_left_open(world, alert_worker,
+                                                                                            receiver, ops_client):
+    # given two jobs whose messages were lost an hour ago, and their stuck alerts
+    hour_ago = utcnow() - dt.timedelta(hours=1)
+    with session_scope() as db:
+        ids = []
+        for ticket in (6601, 6602):
+            j = build_job(db, JobKind.RESOLVE, session_id=world.session(ticket), markdown="Late note.")
+            j.next_attempt_at = hour_ago
+            db.flush()
+            ids.append(j.id)
+    runs, left_open = ids
+    ops_client.send_task("writeback.check_stuck", queue="writeback")
+    wait_for(lambda: {a.job_id for a in alerts(kind="job_stuck")} >= {runs, left_open}, message="stuck alerts")
+    # when one finally runs, the worker closes its alert as it finishes
+    publisher(ops_client)(runs, "resolve")
+    assert wait_terminal(runs).state == "succeeded"
+    [closed] = wait_for(lambda: [a for a in alerts(job_id=runs) if a.resolved_at is not None], message="closed")
+    assert closed.resolution.startswith(f"job {runs} finished: succeeded")
+    # and when the other finished but its worker died before closing the alert, the check closes it
+    with session_scope() as db:
+        db.execute(update(WritebackJob).where(WritebackJob.id == left_open).values(
+            state="succeeded", finished_at=utcnow()))
+    [still] = alerts(job_id=left_open)
+    assert still.resolved_at is None
+    from worker.alerts import run_checks
+
+    assert run_checks()["closed"] == 1
+    [now_closed] = alerts(job_id=left_open)
+    assert now_closed.resolved_at is not None and "finished since" in now_closed.resolution
+    assert run_checks()["closed"] == 0

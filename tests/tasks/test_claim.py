@@ -176,3 +176,26 @@ def test_the_lease_is_never_shorter_than_a_psa_call_can_take(monkeypatch):
     assert store.lease_seconds() == 5 + 2 * 30 + 1
     monkeypatch.setenv("JOB_LEASE_SECONDS", "600")
     assert store.lease_seconds() == 600
+
+
+def test_finish_says_whether_an_alert_about_the_job_or_its_credentials_is_open(world):
+    # The alert hook skips its closing UPDATE when the outcome's write saw none open.
+    from models import Alert
+
+    quiet, alerted, auth = (make_job(world.session(t)) for t in (3301, 3302, 3303))
+    with session_scope() as db:
+        db.add(Alert(kind="job_stuck", job_id=alerted, message="stuck"))
+        db.add(Alert(kind="auth_failed", connection_id=world.connection_id, job_id=None, message="keys"))
+        resolved = Alert(kind="auth_failed", connection_id=world.connection_id + 1000, message="old",
+                         resolved_at=utcnow())
+        db.add(resolved)
+    seen = {}
+    for job_id in (quiet, alerted):
+        job = claim(job_id)
+        finish(job)
+        seen[job_id] = job.scratch["open_alerts"]
+    with session_scope() as db:  # once the connection's auth alert is closed, only the job's own count
+        db.execute(update(Alert).where(Alert.kind == "auth_failed").values(resolved_at=utcnow()))
+    job = claim(auth)
+    finish(job)
+    assert seen == {quiet: True, alerted: True} and job.scratch["open_alerts"] is False
