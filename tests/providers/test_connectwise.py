@@ -54,6 +54,28 @@ def test_sends_basic_auth_client_id_and_pinned_version():
     assert (ticket.id, ticket.status_id, ticket.status_name, ticket.board_id) == (5, 1, "New", 2)
 
 
+def test_the_environment_is_read_once_and_netrc_never_replaces_our_credentials(monkeypatch, tmp_path):
+    # a ~/.netrc entry for the PSA's host, and a proxy the PSA's host is exempt from
+    (tmp_path / ".netrc").write_text("machine 127.0.0.1 login netrc-user password netrc-fake-pass\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Recorder.seen.clear()
+    try:
+        creds = Credentials(f"http://127.0.0.1:{server.server_address[1]}/apis/3.0", "netrcco", "client-guid",
+                            "fakepub2", "fakepriv2")
+        provider_for("connectwise", creds).get_ticket(5)
+        monkeypatch.setenv("NO_PROXY", "")  # read at the session's creation, not per call
+        provider_for("connectwise", creds).get_ticket(5)
+    finally:
+        server.shutdown()
+    assert [r["headers"]["Authorization"] for r in _Recorder.seen] == [
+        "Basic " + base64.b64encode(b"netrcco+fakepub2:fakepriv2").decode()] * 2
+
+
 @pytest.mark.parametrize("visibility,flags", [
     (NoteVisibility.RESOLUTION, (False, False, True)),
     (NoteVisibility.INTERNAL, (False, True, False)),
