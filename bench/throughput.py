@@ -199,13 +199,32 @@ def paced(rate: float, seconds: float, conn_id: int, account: int, first_ticket:
         with session_scope() as db:
             ids.append(enqueue_resolve(db, sid, f"Paced {sid}."))
     rows = wait_jobs(ids, 300)
+    psa_ms = psa_wait_ms(ids)
+    # Our overhead: enqueue-to-terminal minus the time the worker spent waiting on the
+    # simulator's replies, as the worker measured it around each call (writeback_attempts.psa_ms).
+    measured = [(r.finished_at - r.created_at).total_seconds() - psa_ms[r.id] / 1000 for r in rows if r.finished_at]
+    # The same minus the latency setting (5 x 200 ms): also bills us for the simulator's own
+    # handling of each call, which a bare client measures at `per_call`.
     waits = CALLS_PER_JOB * sim_latency
     overhead = [(r.finished_at - r.created_at).total_seconds() - waits for r in rows if r.finished_at]
-    # the same, net of the simulator's measured time per call rather than its latency setting
     net = [o - CALLS_PER_JOB * (per_call - sim_latency) for o in overhead]
-    return {"rate": rate, "jobs": n, "p50_ms": percentile(overhead, 50) * 1000, "p99_ms": percentile(overhead, 99) * 1000,
-            "max_ms": max(overhead) * 1000, "sim_call_ms": per_call * 1000,
+    return {"rate": rate, "jobs": n, "p50_ms": percentile(measured, 50) * 1000,
+            "p99_ms": percentile(measured, 99) * 1000, "max_ms": max(measured) * 1000,
+            "setting_p50_ms": percentile(overhead, 50) * 1000, "setting_p99_ms": percentile(overhead, 99) * 1000,
+            "sim_call_ms": per_call * 1000,
             "net_p50_ms": percentile(net, 50) * 1000, "net_p99_ms": percentile(net, 99) * 1000}
+
+
+def psa_wait_ms(job_ids: list[int]) -> dict[int, int]:
+    from sqlalchemy import func, select
+
+    from models import WritebackAttempt as A
+    from models.db import session_scope
+
+    with session_scope() as db:
+        rows = db.execute(select(A.job_id, func.coalesce(func.sum(A.psa_ms), 0))
+                          .where(A.job_id.in_(job_ids)).group_by(A.job_id)).all()
+    return {job_id: int(ms) for job_id, ms in rows}
 
 
 # --- fairness ---------------------------------------------------------------------------------
@@ -412,10 +431,12 @@ def render(r: dict) -> str:
              f"[target >= 0.6]; states {z['states']}",
              f"(3) our resolve jobs, {r.get('latency', 0.2) * 1000:.0f} ms per call: {l3['jobs_per_s']:.1f} jobs/s = "
              f"{l3['ratio_to_theoretical']:.2f} x theoretical {l3['theoretical_jobs_per_s']:.1f} [target >= 0.9]",
-             f"(4) overhead at {o['rate']:.1f} jobs/s (half of (3)): p50 {o['p50_ms']:.1f} ms, p99 {o['p99_ms']:.1f} ms, "
-             f"max {o['max_ms']:.1f} ms [targets 15 / 60]",
-             f"    net of the simulator's measured time per call ({o.get('sim_call_ms', float('nan')):.1f} ms from a bare "
-             f"client): p50 {o.get('net_p50_ms', float('nan')):.1f} ms, p99 {o.get('net_p99_ms', float('nan')):.1f} ms",
+             f"(4) overhead at {o['rate']:.1f} jobs/s (half of (3)): enqueue-to-terminal minus the worker's measured "
+             f"wait on the simulator: p50 {o['p50_ms']:.1f} ms, p99 {o['p99_ms']:.1f} ms, max {o['max_ms']:.1f} ms "
+             "[targets 15 / 60]",
+             f"    minus {CALLS_PER_JOB} x the latency setting instead: p50 {o['setting_p50_ms']:.1f} ms, "
+             f"p99 {o['setting_p99_ms']:.1f} ms; minus {CALLS_PER_JOB} x a bare client's time per call "
+             f"({o['sim_call_ms']:.1f} ms): p50 {o['net_p50_ms']:.1f} ms, p99 {o['net_p99_ms']:.1f} ms",
              f"(5) worker peak RSS {r['5_worker_peak_rss_mb']:.0f} MB [target 150]; "
              f"{r['5_sql_statements_per_job']:.1f} SQL statements and {z['http_calls_per_job']:.2f} HTTP calls per job",
              f"(6) fairness: tenant B's one job finished {f['b_seconds']:.2f} s after enqueue ({f['b_state']}), "

@@ -60,13 +60,43 @@ def make_engine(url: str | None = None, *, pool_size: int | None = None) -> Engi
         _configure_sqlite(engine)
         return engine
     size = pool_size or int(os.environ.get("DB_POOL_SIZE", "10"))
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=size,
         max_overflow=int(os.environ.get("DB_MAX_OVERFLOW", "5")),
-        pool_pre_ping=True,  # survive pg_terminate_backend / server restarts
         pool_recycle=1800,
     )
+    _ping_when_idle(engine, float(os.environ.get("DB_POOL_PING_IDLE_SECONDS", "1")))
+    return engine
+
+
+def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
+    """Survive pg_terminate_backend, failovers and server restarts: a pooled connection that
+    sat unused for more than `idle_seconds` is pinged as it is checked out, and replaced if
+    it is dead (SQLAlchemy's pessimistic recipe). SQLAlchemy's pool_pre_ping pings on every
+    checkout: a round trip per transaction, a twentieth of a busy worker's CPU. A connection
+    used a moment ago is not pinged; if the server dropped it in that moment, its first
+    statement fails, SQLAlchemy discards the whole pool's connections, and the worker's
+    db_retry runs the short transaction again on a new one."""
+    import time
+
+    from sqlalchemy import exc
+
+    @event.listens_for(engine, "connect")
+    @event.listens_for(engine, "checkin")
+    def _stamp(_dbapi_conn, record, *_):
+        record.info["pswb_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn, record, _proxy):
+        if time.monotonic() - record.info.get("pswb_idle_since", 0.0) <= idle_seconds:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except engine.dialect.loaded_dbapi.Error as err:
+            raise exc.DisconnectionError(f"pooled connection is dead: {err}") from err
+        if not alive:
+            raise exc.DisconnectionError("pooled connection is dead")
 
 
 def _count_statements(engine: Engine, path: str) -> None:

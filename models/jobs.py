@@ -109,6 +109,9 @@ class WritebackAttempt(Base):
     started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[dt.datetime | None]
     duration_ms: Mapped[int | None]
+    # Of duration_ms, the time spent waiting on the PSA's replies (None: no PSA call made):
+    # tells a slow PSA from a slow worker.
+    psa_ms: Mapped[int | None]
     outcome: Mapped[str] = mapped_column(String(32), default=AttemptOutcome.RUNNING.value)
     step: Mapped[str | None] = mapped_column(String(32))
     http_status: Mapped[int | None]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ from models import AttemptOutcome, JobState, SessionStatus, utcnow
 from models.crypto import ConfigurationError
 from providers import provider_for
 from providers.errors import PsaAuthError, PsaError, PsaRateLimited
-from providers.http import add_gate
+from providers.http import add_gate, add_observer
 from tasks import events, ratelimit, steps, store
 from tasks.errors import LeaseLost, WorkerLost
 from tasks.retry import RetryPolicy
@@ -24,6 +25,17 @@ from tasks.store import ClaimedJob, ClaimRefusal
 
 log = logging.getLogger("psa_writeback.runner")
 add_gate(ratelimit.gate)  # per-connection cooldown and token bucket before every PSA call
+_running = threading.local()  # the job this thread is executing (PSA calls are synchronous)
+
+
+def _count_psa_time(*, seconds: float, **_: Any) -> None:
+    """The attempt row's psa_ms: the time this execution spent waiting on the PSA."""
+    job = getattr(_running, "job", None)
+    if job is not None:
+        job.scratch["psa_seconds"] = job.scratch.get("psa_seconds", 0.0) + seconds
+
+
+add_observer(_count_psa_time)
 
 _DONE_STATUS = {"resolve": SessionStatus.RESOLVED, "escalate": SessionStatus.ESCALATED}
 _LOCAL_STATUS = {"resolve": SessionStatus.RESOLVED_LOCAL, "escalate": SessionStatus.ESCALATED_LOCAL}
@@ -87,8 +99,12 @@ def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
     limited = ratelimit.connection_key(job.connection_id, job.credentials.base_url) if job.credentials else None
     job.scratch["limit_key"] = limited
     calls = (2 if job.markdown is not None else 0) + (3 if job.target_status_id is not None else 0)
-    with ratelimit.counting_against(limited, calls=max(calls, 1)):
-        return _run_calls(job, policy)
+    _running.job = job
+    try:
+        with ratelimit.counting_against(limited, calls=max(calls, 1)):
+            return _run_calls(job, policy)
+    finally:
+        _running.job = None
 
 
 def _run_calls(job: ClaimedJob, policy: RetryPolicy) -> Outcome:

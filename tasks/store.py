@@ -540,8 +540,9 @@ def _attempt_columns(job: ClaimedJob, outcome: AttemptOutcome, now: dt.datetime,
                      step: str | None, started: dt.datetime | None = None) -> dict[str, Any]:
     started = started or job.started_at
     duration = int((now - _aware(started)).total_seconds() * 1000) if started else None
+    psa = job.scratch.get("psa_seconds")
     return dict(outcome=outcome.value, finished_at=now, duration_ms=duration, http_status=http_status, step=step,
-                **_error_columns(error))
+                psa_ms=None if psa is None else int(psa * 1000), **_error_columns(error))
 
 
 def _close_attempt(db: Session, job: ClaimedJob, outcome: AttemptOutcome, now: dt.datetime,

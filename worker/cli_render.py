@@ -58,7 +58,9 @@ def timeline(s: dict[str, Any]) -> list[list[str]]:
         task = f'task {a["celery_task_id"][:8]}' if a["celery_task_id"] else ""
         where = f'at {a["step"]}' if a["step"] else ""
         events.append((a["started_at"] or "", 1, ["attempt", str(a["attempt_no"]), a["outcome"],
-                                                  _took(a["duration_ms"]), str(a["http_status"] or "-"),
+                                                  _took(a["duration_ms"]) + (f' (PSA {_took(a["psa_ms"])})'
+                                                                             if a.get("psa_ms") is not None else ""),
+                                                  str(a["http_status"] or "-"),
                                                   " ".join(x for x in (where, detail, f"({task})" if task else "") if x)]))
     for act in s["operator_actions"]:
         events.append((act["at"] or "", 2, [act["action"], "-", f'{act["from_state"]}→{act["to_state"]}', "-", "-",

@@ -94,6 +94,9 @@ def test_show_prints_the_whole_attempt_timeline(world, repair_worker, ops_client
     history = data["attempt_history"]
     assert [a["http_status"] for a in history] == [503, None]
     assert all(a["duration_ms"] is not None and a["started_at"] and a["celery_task_id"] for a in history)
+    # of each attempt's time, how much was spent waiting on the PSA (the 503 attempt too)
+    assert all(0 <= a["psa_ms"] <= a["duration_ms"] for a in history), history
+    assert "(PSA " in rows[1]
     assert cli("jobs", "show", "999999").returncode == 2
 
 
