@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 DEFAULT_SQLITE_PATH = Path("var") / "psa-writeback.db"
@@ -139,6 +139,14 @@ def session_factory() -> sessionmaker[Session]:
     get_engine()
     assert _factory is not None
     return _factory
+
+
+@contextlib.contextmanager
+def transaction() -> Iterator[Connection]:
+    """One short transaction on a Core connection, without an ORM session (the worker's
+    hot path): commit on success, roll back on error, always return the connection."""
+    with get_engine().begin() as conn:
+        yield conn
 
 
 @contextlib.contextmanager

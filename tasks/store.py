@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, exists, func, insert, literal, or_, select, text, update
+from sqlalchemy import Connection, and_, exists, func, insert, literal, or_, select, text, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, aliased
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
@@ -24,7 +24,7 @@ from models import (AiSession, AttemptOutcome, JobState, NoteState, PsaConnectio
                     WritebackJob, utcnow)
 from models import crypto
 from models.crypto import ConfigurationError
-from models.db import session_scope
+from models.db import get_engine, session_scope, transaction
 from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
 from models.jobs import ERROR_MESSAGE_LIMIT
 from providers.base import Credentials
@@ -118,10 +118,25 @@ class ClaimRefusal:
 _RELAXED = "SET LOCAL synchronous_commit TO off"
 
 
-def _relaxed(db: Session, then: str | None = None, params: dict[str, Any] | None = None) -> Any:
+# The hot path's transactions (claim, intent, outcome) run on a Core connection: an ORM
+# Session's bookkeeping around three short transactions per job is CPU the worker can
+# spend on jobs. The SQLite claim (the demo) adds an ORM object, so it keeps a Session.
+DB = Session | Connection
+
+
+def _postgres(db: DB | None = None) -> bool:
+    bind = get_engine() if db is None else db if isinstance(db, Connection) else db.get_bind()
+    return bind.dialect.name == "postgresql"
+
+
+def _conn(db: DB) -> Connection:
+    return db if isinstance(db, Connection) else db.connection()
+
+
+def _relaxed(db: DB, then: str | None = None, params: dict[str, Any] | None = None) -> Any:
     """Relax this transaction's durability (PostgreSQL only), in the same round trip as
     `then` when given (psycopg2 sends both statements at once; the result is `then`'s)."""
-    postgres = db.get_bind().dialect.name == "postgresql"
+    postgres = _postgres(db)
     if then is None:
         return db.execute(text(_RELAXED)) if postgres else None
     return db.execute(text(f"{_RELAXED}; {then}" if postgres else then), params or {})
@@ -175,10 +190,11 @@ def claim(job_id: int, token: str, task_id: str | None, worker: str | None,
     global _CLAIM_SQL
     now = utcnow()
     lease = now + dt.timedelta(seconds=lease_seconds())
-    with session_scope() as db:
-        if db.get_bind().dialect.name == "postgresql":
+    postgres = _postgres()
+    with transaction() if postgres else session_scope() as db:
+        if postgres:
             _CLAIM_SQL = _CLAIM_SQL or _claim_sql()
-            found = db.connection().exec_driver_sql(_CLAIM_SQL, {
+            found = _conn(db).exec_driver_sql(_CLAIM_SQL, {
                 "id": job_id, "token": token, "lease": lease, "now": now, "kind": kind, "due": now + DUE_TOLERANCE,
                 "task_id": task_id, "worker": worker}).mappings().first()
             row = _Row(found) if found else None
@@ -229,7 +245,7 @@ def _claim_portable(db: Session, job_id: int, token: str, task_id: str | None, w
     return _load(db, job_id)
 
 
-def _load(db: Session, job_id: int) -> Any:
+def _load(db: DB, job_id: int) -> Any:
     return db.execute(select(*_JOB_COLUMNS, *_CONNECTION_COLUMNS)
                       .outerjoin(_C, _C.id == _J.psa_connection_id).where(_J.id == job_id)).first()
 
@@ -301,9 +317,9 @@ def _refusal(job: Any, job_id: int, now: dt.datetime, kind: str | None) -> Claim
 _UPDATE_SQL: dict[tuple[str, tuple[str, ...], str, str], str] = {}
 
 
-def _portable(db: Session, values: dict[str, Any]) -> bool:
+def _portable(db: DB, values: dict[str, Any]) -> bool:
     """SQLAlchemy constructs for this write: not PostgreSQL, or SQL expressions as values."""
-    return db.get_bind().dialect.name != "postgresql" or any(
+    return not _postgres(db) or any(
         hasattr(v, "__clause_element__") or hasattr(v, "_is_clause_element") for v in values.values())
 
 
@@ -327,7 +343,7 @@ def _update_params(values: dict[str, Any], where: dict[str, Any], p: str = "") -
     return params
 
 
-def _update(db: Session, model: Any, where: dict[str, Any], values: dict[str, Any], extra: str = "") -> int:
+def _update(db: DB, model: Any, where: dict[str, Any], values: dict[str, Any], extra: str = "") -> int:
     """UPDATE model SET values WHERE where (equalities) [AND extra]; returns the row count.
     On PostgreSQL the SQL text is built once per column set and sent as is: these updates
     run several times per job, and constructing them with SQLAlchemy cost more CPU than
@@ -339,13 +355,13 @@ def _update(db: Session, model: Any, where: dict[str, Any], values: dict[str, An
             stmt = stmt.where(text(extra))
         return db.execute(stmt.values(**values)).rowcount
     sql = _update_sql(table.name, values, where, extra)
-    return db.connection().exec_driver_sql(sql, _update_params(values, where)).rowcount
+    return _conn(db).exec_driver_sql(sql, _update_params(values, where)).rowcount
 
 
 _OWNED = "state = 'running'"  # with claimed_by = the token: this execution still owns the job
 
 
-def _guarded(db: Session, job: ClaimedJob, *, done_state: str | None = None, **values: Any) -> bool:
+def _guarded(db: DB, job: ClaimedJob, *, done_state: str | None = None, **values: Any) -> bool:
     """Update the job only while this execution owns it. Returns False (and changes nothing)
     when `done_state` is given and our own earlier commit of that state already landed: a
     db_retry after a reply lost on a killed connection must not count as losing the lease."""
@@ -354,7 +370,7 @@ def _guarded(db: Session, job: ClaimedJob, *, done_state: str | None = None, **v
     return True if rowcount == 1 else _not_owned(db, job, done_state)
 
 
-def _not_owned(db: Session, job: ClaimedJob, done_state: str | None) -> bool:
+def _not_owned(db: DB, job: ClaimedJob, done_state: str | None) -> bool:
     """A guarded write changed nothing: our own earlier commit of `done_state` (False), or
     another execution owns the job now (LeaseLost)."""
     J = WritebackJob
@@ -368,7 +384,7 @@ def _not_owned(db: Session, job: ClaimedJob, done_state: str | None) -> bool:
 @db_retry
 def renew_lease(job: ClaimedJob) -> None:
     """Called before each step: the lease counts from the start of the step's PSA calls."""
-    with session_scope() as db:
+    with transaction() as db:
         _guarded(db, job, lease_until=utcnow() + dt.timedelta(seconds=lease_seconds()))
     job.scratch["lease_renewed"] = time.monotonic()
 
@@ -389,7 +405,7 @@ def record_note_intent(job: ClaimedJob, baseline_ids: list[str]) -> None:
     """Committed *before* every POST: from here on, a repeat must look for the note first.
     It renews the lease too, so a successor cannot start (and reconcile) until this POST
     has had its whole timeout, and more, to land."""
-    with session_scope() as db:  # synchronous commit: this one must be on disk before the POST
+    with transaction() as db:  # synchronous commit: this one must be on disk before the POST
         _guarded(db, job, note_state=NoteState.INTENT.value, note_baseline_ids=baseline_ids,
                  lease_until=utcnow() + dt.timedelta(seconds=lease_seconds()))
     job.scratch["lease_renewed"] = time.monotonic()
@@ -440,7 +456,7 @@ def finish(job: ClaimedJob, state: JobState, outcome: AttemptOutcome, *, result:
     session_columns = {**note_session, **(session_values or {})}
     if session_columns:
         session_columns["updated_at"] = now
-    with session_scope() as db:
+    with transaction() as db:
         if job.started_at is None or _portable(db, job_columns):
             nxt = _finish_portable(db, job, state, outcome, now, job_columns, session_columns, error, http_status, step)
         else:
@@ -452,7 +468,7 @@ def finish(job: ClaimedJob, state: JobState, outcome: AttemptOutcome, *, result:
         job.scratch["next"] = (nxt.id, nxt.kind) if nxt else None
 
 
-def _finish_pg(db: Session, job: ClaimedJob, state: JobState, job_columns: dict[str, Any],
+def _finish_pg(db: DB, job: ClaimedJob, state: JobState, job_columns: dict[str, Any],
                session_columns: dict[str, Any], attempt_columns: dict[str, Any]) -> Any:
     """finish() on PostgreSQL in one round trip: relaxed durability (see _RELAXED), the
     guarded job update, the session and attempt updates only if that one matched, and the
@@ -468,7 +484,7 @@ def _finish_pg(db: Session, job: ClaimedJob, state: JobState, job_columns: dict[
         parts.append(f"s AS ({_update_sql('ai_sessions', session_columns, where, 'EXISTS (SELECT 1 FROM j)', 's')})")
         params.update(_update_params(session_columns, where, "s"))
     params["conn"] = job.connection_id
-    row = db.connection().exec_driver_sql(
+    row = _conn(db).exec_driver_sql(
         f"{_RELAXED}; WITH {', '.join(parts)} SELECT (SELECT count(*) FROM j) AS updated, n.id, n.kind, "
         f"{_OPEN_ALERTS} AS open_alerts FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT id, kind FROM writeback_jobs "
         "WHERE ticket_key = %(key)s AND id > %(id)s AND state IN ('queued', 'retrying') ORDER BY id LIMIT 1) AS n "
@@ -486,7 +502,7 @@ _OPEN_ALERTS = ("(EXISTS (SELECT 1 FROM alerts WHERE job_id = %(id)s AND resolve
                 "(SELECT 1 FROM alerts WHERE connection_id = %(conn)s AND kind = 'auth_failed' AND resolved_at IS NULL))")
 
 
-def _finish_portable(db: Session, job: ClaimedJob, state: JobState, outcome: AttemptOutcome, now: dt.datetime,
+def _finish_portable(db: DB, job: ClaimedJob, state: JobState, outcome: AttemptOutcome, now: dt.datetime,
                      job_columns: dict[str, Any], session_columns: dict[str, Any],
                      error: BaseException | str | tuple[str, str] | None, http_status: int | None,
                      step: str | None) -> Any:
@@ -512,7 +528,7 @@ def schedule_retry(job: ClaimedJob, delay: float, error: BaseException, http_sta
     now = utcnow()
     due = now + dt.timedelta(seconds=delay)
     note_job, note_session = _note_values(job)
-    with session_scope() as db:
+    with transaction() as db:
         _relaxed(db)  # see _RELAXED: a lost retry schedule leaves the job on our lease
         if not _guarded(db, job, done_state=JobState.RETRYING.value, state=JobState.RETRYING.value,
                         next_attempt_at=due, lease_until=None, published_at=due, **_error_columns(error),
@@ -545,7 +561,7 @@ def _attempt_columns(job: ClaimedJob, outcome: AttemptOutcome, now: dt.datetime,
                 psa_ms=None if psa is None else int(psa * 1000), **_error_columns(error))
 
 
-def _close_attempt(db: Session, job: ClaimedJob, outcome: AttemptOutcome, now: dt.datetime,
+def _close_attempt(db: DB, job: ClaimedJob, outcome: AttemptOutcome, now: dt.datetime,
                    error: BaseException | str | tuple[str, str] | None, http_status: int | None,
                    step: str | None) -> None:
     A = WritebackAttempt
