@@ -404,7 +404,9 @@ def main(argv: list[str] | None = None) -> int:
 
         with session_scope() as db:
             executions = db.scalar(select(func.sum(WritebackJob.attempts)))
-        report["5_sql_statements_per_job"] = json.loads(sql_file.read_text())["statements"] / max(executions, 1)
+        counted = json.loads(sql_file.read_text())
+        report["5_sql_statements_per_job"] = counted["statements"] / max(executions, 1)
+        report["5_sql_commits_per_job"] = counted.get("commits", 0) / max(executions, 1)
         report["7_backlog"] = backlog(args.backlog_finished, args.backlog_due)
     finally:
         if worker:
@@ -438,7 +440,8 @@ def render(r: dict) -> str:
              f"p99 {o['setting_p99_ms']:.1f} ms; minus {CALLS_PER_JOB} x a bare client's time per call "
              f"({o['sim_call_ms']:.1f} ms): p50 {o['net_p50_ms']:.1f} ms, p99 {o['net_p99_ms']:.1f} ms",
              f"(5) worker peak RSS {r['5_worker_peak_rss_mb']:.0f} MB [target 150]; "
-             f"{r['5_sql_statements_per_job']:.1f} SQL statements and {z['http_calls_per_job']:.2f} HTTP calls per job",
+             f"{r['5_sql_statements_per_job']:.1f} SQL statements in {r.get('5_sql_commits_per_job', float('nan')):.1f} "
+             f"transactions and {z['http_calls_per_job']:.2f} HTTP calls per job",
              f"(6) fairness: tenant B's one job finished {f['b_seconds']:.2f} s after enqueue ({f['b_state']}), "
              f"behind tenant A's {f['a_jobs']} ({f['a_done_when_b_finished']} of A done by then) [target 2 s]",
              "(7) backlog: claim of a due job / sweeper find (100 rows), by finished-job count:"]

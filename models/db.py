@@ -105,11 +105,15 @@ def _count_statements(engine: Engine, path: str) -> None:
     import atexit
     import json
 
-    counter = {"statements": 0}
+    counter = {"statements": 0, "commits": 0}
 
     @event.listens_for(engine, "before_cursor_execute")
     def _tally(*_args):  # pragma: no cover - benchmark instrumentation
         counter["statements"] += 1
+
+    @event.listens_for(engine, "commit")
+    def _tally_commit(*_args):  # pragma: no cover - benchmark instrumentation
+        counter["commits"] += 1
 
     atexit.register(lambda: Path(path).write_text(json.dumps(counter)))
 

@@ -63,9 +63,20 @@ def drop_database(url: str) -> None:
 def truncate_all(engine: Any) -> None:
     from models import Base
 
+    from sqlalchemy.exc import OperationalError
+
     tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    for attempt in range(5):
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+            return
+        except OperationalError as err:
+            # A worker still finishing the previous test's job locks these tables in another
+            # order; PostgreSQL breaks the deadlock by aborting one side. Ours: try again.
+            if "deadlock detected" not in str(err) or attempt == 4:
+                raise
+            time.sleep(0.2)
 
 
 class WorkerProcess:
