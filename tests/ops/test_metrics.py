@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import subprocess
 
 import pytest
+import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -74,8 +76,13 @@ def test_worker_counts_writebacks_verification_failures_retries_and_psa_latency(
     assert value(s, "psa_writeback_alerts_raised_total", kind="verification_failed") == 1
 
 
-def test_procfile_metrics_process_reports_queue_depth_and_oldest_due_age(world, ops_broker, tmp_path):
-    # given jobs waiting in each state, none with a worker to run them
+def test_procfile_metrics_process_reports_queue_depth_and_oldest_due_age(world, ops_broker, ops_client, tmp_path):
+    # given messages waiting in the drafting queue (no drafting worker here) at three priorities,
+    # which kombu keeps in three Redis lists
+    for priority in (0, 6, 9):
+        ops_client.send_task("writeback.draft_preview", {"session_id": 1, "kind": "resolve"}, queue="drafting",
+                             priority=priority)
+    # and jobs waiting in each state, none with a worker to run them
     now = utcnow()
     with session_scope() as db:
         for ticket, values in ((7101, {"next_attempt_at": now - dt.timedelta(seconds=300)}),
@@ -104,6 +111,10 @@ def test_procfile_metrics_process_reports_queue_depth_and_oldest_due_age(world, 
     assert 300 <= value(s, "psa_writeback_oldest_due_job_age_seconds") < 360
     assert value(s, "psa_writeback_stuck_jobs") == 1  # only the one due for 5 minutes (threshold 120 s)
     assert value(s, "psa_writeback_broker_queue_length", queue="writeback") == 0
+    assert value(s, "psa_writeback_broker_queue_length", queue="drafting") == 3
+    client = redis.Redis.from_url(ops_broker)  # no later test should meet these messages
+    client.delete(*[os.environ.get("CELERY_REDIS_KEY_PREFIX", "") + name
+                    for name in ["drafting"] + [f"drafting\x06\x16{step}" for step in (3, 6, 9)]])
     assert ("psa_writeback_open_alerts", frozenset({("kind", "verification_failed")})) in s
 
 
