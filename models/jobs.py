@@ -69,6 +69,9 @@ class WritebackJob(Base):
     # Progress of the note step, committed before and after the POST (see tasks.steps).
     note_state: Mapped[str] = mapped_column(String(16), default=NoteState.NONE.value)
     note_baseline_ids: Mapped[list[Any] | None] = mapped_column(JSON)
+    # The newest note id on the ticket when the intent was recorded ("0": it had none); a
+    # later execution looks for our note among every note newer than this, however many.
+    note_watermark_id: Mapped[str | None] = mapped_column(String(64))
     note_external_id: Mapped[str | None] = mapped_column(String(64))
     note_posted_at: Mapped[dt.datetime | None]
     note_adopted: Mapped[bool] = mapped_column(default=False)

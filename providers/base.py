@@ -62,4 +62,9 @@ class Provider(Protocol):
 
     def list_recent_notes(self, ticket_id: int, limit: int = 50) -> list[PostedNote]: ...
 
+    def list_notes_after(self, ticket_id: int, after_id: str) -> list[PostedNote]:
+        """Every note newer than `after_id` (a note id from list_recent_notes, or "0"), however
+        many, oldest first. Only for PSAs whose note ids are increasing integers."""
+        ...
+
     def list_statuses(self, board_id: int) -> list[BoardStatus]: ...

@@ -6,7 +6,9 @@ Vendor quirks that shaped this module (see shared/reference/psa-apis.md §1):
 - note visibility is three flags; only internalAnalysisFlag keeps a note from the customer;
 - PATCH bodies are JSON Patch arrays; we use the sub-path form `status/id`, which is what
   CW's own errors name, and a status id from another board is a 400 on `status/id`;
-- notes have no idempotency key, so callers reconcile with list_recent_notes.
+- notes have no idempotency key, so callers reconcile with list_recent_notes (before the
+  POST) and list_notes_after (after an unanswered one): note ids are increasing integers,
+  and `conditions=id > N` with `page`/`pageSize` (at most 1000) reads every newer note.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from providers.http import call, pooled_session
 
 API_VERSION = os.environ.get("CW_API_VERSION", "2025.16")
 TICKET_FIELDS = "id,status,closedFlag,board,_info"
+NOTE_PAGE_SIZE = 1000  # CW's maximum pageSize
+NOTE_PAGES_MAX = 20
 
 _FLAGS = {
     NoteVisibility.RESOLUTION: {"detailDescriptionFlag": False, "internalAnalysisFlag": False, "resolutionFlag": True},
@@ -74,6 +78,23 @@ class ConnectWiseProvider:
         if not isinstance(body, list):
             raise PsaProtocolError("notes reply was not a list", operation="list_notes")
         return [_note(n) for n in body]
+
+    def list_notes_after(self, ticket_id: int, after_id: str) -> list[PostedNote]:
+        if not after_id.isdigit():
+            raise ValueError(f"ConnectWise note ids are integers, got {after_id!r:.40}")
+        notes: list[PostedNote] = []
+        for page in range(1, NOTE_PAGES_MAX + 1):
+            body = self._call("GET", f"/service/tickets/{ticket_id}/notes", "list_notes",
+                              params={"conditions": f"id > {int(after_id)}", "orderBy": "id asc",
+                                      "pageSize": NOTE_PAGE_SIZE, "page": page})
+            if not isinstance(body, list):
+                raise PsaProtocolError("notes reply was not a list", operation="list_notes")
+            notes += [_note(n) for n in body]
+            if len(body) < NOTE_PAGE_SIZE:
+                return notes
+        # Never guess: a reconcile that cannot see every candidate must not post again.
+        raise PsaProtocolError(f"ticket {ticket_id} has more than {NOTE_PAGES_MAX * NOTE_PAGE_SIZE} notes newer "
+                               f"than note {after_id}", operation="list_notes")
 
     def list_statuses(self, board_id: int) -> list[BoardStatus]:
         body = self._call("GET", f"/service/boards/{board_id}/statuses", "list_statuses",

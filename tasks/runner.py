@@ -115,7 +115,7 @@ def _run_calls(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
         if job.markdown is not None:
             note = steps.post_note_once(
                 provider, job,
-                record_intent=lambda ids: store.record_note_intent(job, ids),
+                record_intent=lambda ids, watermark: store.record_note_intent(job, ids, watermark),
                 record_posted=lambda ext, adopted: store.record_note_posted(job, ext, adopted))
             log.info("note %s on ticket %s", "adopted" if note.adopted else "posted", job.ticket_id,
                      extra={"job_id": job.id, "step": "post", "note_id": note.external_id})

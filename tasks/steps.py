@@ -3,10 +3,11 @@
 Note step and idempotency. No PSA accepts an idempotency key for notes, so a POST that
 may have reached the PSA (a timeout, a reset, a worker killed mid-call) is never repeated
 blind. Before the *first* POST we list the ticket's recent notes and remember which ones
-already carry exactly our text (the baseline, normally empty) and commit that as the
-"intent". Any later execution that finds the intent lists the notes again: a note with
-our exact text and visibility that is not in the baseline is ours, and we adopt its id
-instead of posting again.
+already carry exactly our text (the baseline, normally empty) and the newest note's id
+(the watermark), and commit that as the "intent". Any later execution that finds the
+intent lists every note newer than the watermark (however many were added meanwhile): a
+note with our exact text and visibility that is not in the baseline is ours, and we adopt
+its id instead of posting again.
 
 How a note is recognised, and why:
 - By its content (normalised text + visibility), not by a marker. The resolution note is
@@ -55,28 +56,43 @@ class NoteResult:
     adopted: bool
 
 
-def post_note_once(provider: Provider, job: ClaimedJob, *, record_intent: Callable[[list[str]], None],
+def post_note_once(provider: Provider, job: ClaimedJob, *,
+                   record_intent: Callable[[list[str], str | None], None],
                    record_posted: Callable[[str, bool], object]) -> NoteResult:
     assert job.ticket_id is not None and job.markdown is not None and job.note_visibility is not None
     visibility = NoteVisibility(job.note_visibility)
     if job.note_state == NoteState.POSTED.value and job.note_external_id:
         return NoteResult(job.note_external_id, adopted=False)
-    recent = provider.list_recent_notes(job.ticket_id, RECENT_NOTES)
     if job.note_state == NoteState.INTENT.value:
         baseline = set(job.note_baseline_ids)
+        # Every note newer than the intent's watermark, however many were added since (an
+        # intent without one, from before watermarks existed: the most recent notes).
+        candidates = (provider.list_notes_after(job.ticket_id, job.note_watermark_id)
+                      if job.note_watermark_id is not None else provider.list_recent_notes(job.ticket_id, RECENT_NOTES))
         # Oldest first: if a duplicate ever exists, every execution adopts the same note.
-        found = next((n for n in sorted(recent, key=_note_order) if _ours(n, job.markdown, visibility)
+        found = next((n for n in sorted(candidates, key=_note_order) if _ours(n, job.markdown, visibility)
                       and n.id not in baseline), None)
         if found is not None:
             record_posted(found.id, True)
             return NoteResult(found.id, adopted=True)
-        baseline_ids = list(job.note_baseline_ids)
+        baseline_ids, watermark = list(job.note_baseline_ids), job.note_watermark_id  # the first intent's
     else:
+        recent = provider.list_recent_notes(job.ticket_id, RECENT_NOTES)
         baseline_ids = [n.id for n in recent if _ours(n, job.markdown, visibility)]
-    record_intent(baseline_ids)  # committed (with a fresh lease) before every POST
+        watermark = _watermark(recent)
+    record_intent(baseline_ids, watermark)  # committed (with a fresh lease) before every POST
     note = provider.post_note(job.ticket_id, job.markdown, visibility)
     record_posted(note.id, False)
     return NoteResult(note.id, adopted=False)
+
+
+def _watermark(recent: list[PostedNote]) -> str | None:
+    """The newest note id before our first POST ("0": no notes yet), when ids are integers
+    (they only grow, so everything after it was posted after our listing); otherwise None,
+    and a reconcile looks among the most recent notes."""
+    if not all(n.id.isdigit() for n in recent):
+        return None
+    return str(max((int(n.id) for n in recent), default=0))
 
 
 def _note_order(note: PostedNote) -> tuple[int, str]:

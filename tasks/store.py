@@ -92,6 +92,7 @@ class ClaimedJob:
     setup_error: str | None = None
     ticket_key: str | None = None
     started_at: dt.datetime | None = None  # the attempt row's start (None: read it back)
+    note_watermark_id: str | None = None  # see WritebackJob.note_watermark_id
     # This execution's memory between its transactions: the note it posted (recorded with
     # the outcome), when it last renewed the lease, the next job of its ticket.
     scratch: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -146,7 +147,8 @@ _J = WritebackJob
 _C = PsaConnection
 _JOB_COLUMNS = (_J.id, _J.kind, _J.state, _J.attempts, _J.max_attempts, _J.session_id, _J.account_id, _J.provider,
                 _J.psa_connection_id, _J.ticket_id, _J.ticket_key, _J.markdown, _J.note_visibility, _J.note_state,
-                _J.note_baseline_ids, _J.note_external_id, _J.target_status_id, _J.transition_skipped_reason,
+                _J.note_baseline_ids, _J.note_watermark_id, _J.note_external_id, _J.target_status_id,
+                _J.transition_skipped_reason,
                 _J.claimed_by, _J.lease_until, _J.next_attempt_at)
 _CONNECTION_COLUMNS = (_C.id.label("c_id"), _C.base_url.label("c_base_url"), _C.company_id.label("c_company_id"),
                        _C.client_id.label("c_client_id"), _C.public_key_encrypted.label("c_public"),
@@ -291,6 +293,7 @@ def _snapshot(row: Any, token: str, started_at: dt.datetime | None = None) -> Cl
                      connection_id=row.psa_connection_id, ticket_id=row.ticket_id, markdown=row.markdown,
                      note_visibility=row.note_visibility, note_state=row.note_state,
                      note_baseline_ids=[str(i) for i in row.note_baseline_ids or []],
+                     note_watermark_id=row.note_watermark_id,
                      note_external_id=row.note_external_id, target_status_id=row.target_status_id,
                      transition_skipped_reason=row.transition_skipped_reason, credentials=creds,
                      setup_error=setup_error, ticket_key=row.ticket_key, started_at=started_at)
@@ -401,12 +404,13 @@ def renew_lease_if_aged(job: ClaimedJob, fraction: float = 0.1) -> bool:
 
 
 @db_retry
-def record_note_intent(job: ClaimedJob, baseline_ids: list[str]) -> None:
+def record_note_intent(job: ClaimedJob, baseline_ids: list[str], watermark_id: str | None = None) -> None:
     """Committed *before* every POST: from here on, a repeat must look for the note first.
     It renews the lease too, so a successor cannot start (and reconcile) until this POST
     has had its whole timeout, and more, to land."""
     with transaction() as db:  # synchronous commit: this one must be on disk before the POST
         _guarded(db, job, note_state=NoteState.INTENT.value, note_baseline_ids=baseline_ids,
+                 note_watermark_id=watermark_id,
                  lease_until=utcnow() + dt.timedelta(seconds=lease_seconds()))
     job.scratch["lease_renewed"] = time.monotonic()
 
@@ -475,13 +479,14 @@ def _finish_pg(db: DB, job: ClaimedJob, state: JobState, job_columns: dict[str, 
     ticket's next live job. Returns that next job (a row or None), or False when our own
     earlier try already recorded this outcome."""
     job_where, attempt_where = {"id": job.id, "claimed_by": job.token}, {"job_id": job.id, "attempt_no": job.attempt_no}
+    if_job = "EXISTS (SELECT 1 FROM j)"
     parts = [f"j AS ({_update_sql('writeback_jobs', job_columns, job_where, _OWNED, 'j')} RETURNING id)",
-             f"a AS ({_update_sql('writeback_attempts', attempt_columns, attempt_where, 'EXISTS (SELECT 1 FROM j)', 'a')})"]
+             f"a AS ({_update_sql('writeback_attempts', attempt_columns, attempt_where, if_job, 'a')})"]
     params = {**_update_params(job_columns, job_where, "j"), **_update_params(attempt_columns, attempt_where, "a"),
               "key": job.ticket_key, "id": job.id}
     if session_columns:
         where = {"id": job.session_id}
-        parts.append(f"s AS ({_update_sql('ai_sessions', session_columns, where, 'EXISTS (SELECT 1 FROM j)', 's')})")
+        parts.append(f"s AS ({_update_sql('ai_sessions', session_columns, where, if_job, 's')})")
         params.update(_update_params(session_columns, where, "s"))
     params["conn"] = job.connection_id
     row = _conn(db).exec_driver_sql(
@@ -498,8 +503,9 @@ def _finish_pg(db: DB, job: ClaimedJob, state: JobState, job_columns: dict[str, 
 # Whether an alert about this job, or an auth alert about its connection, is open: the
 # operations hook that closes them on success (worker.alerts.resolve_on_finish) skips its
 # UPDATE when none is, which is nearly always. Read in the outcome's own round trip.
-_OPEN_ALERTS = ("(EXISTS (SELECT 1 FROM alerts WHERE job_id = %(id)s AND resolved_at IS NULL) OR EXISTS "
-                "(SELECT 1 FROM alerts WHERE connection_id = %(conn)s AND kind = 'auth_failed' AND resolved_at IS NULL))")
+_OPEN_ALERTS = ("(EXISTS (SELECT 1 FROM alerts WHERE job_id = %(id)s AND resolved_at IS NULL) OR "
+                "EXISTS (SELECT 1 FROM alerts WHERE connection_id = %(conn)s AND kind = 'auth_failed' "
+                "AND resolved_at IS NULL))")
 
 
 def _finish_portable(db: DB, job: ClaimedJob, state: JobState, outcome: AttemptOutcome, now: dt.datetime,

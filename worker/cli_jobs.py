@@ -101,7 +101,8 @@ def job_dict(job: WritebackJob) -> dict[str, Any]:
 
 def attempt_dict(a: WritebackAttempt) -> dict[str, Any]:
     return {"attempt_no": a.attempt_no, "started_at": _iso(a.started_at), "finished_at": _iso(a.finished_at),
-            "duration_ms": a.duration_ms, "psa_ms": a.psa_ms, "outcome": a.outcome, "step": a.step, "http_status": a.http_status,
+            "duration_ms": a.duration_ms, "psa_ms": a.psa_ms, "outcome": a.outcome, "step": a.step,
+            "http_status": a.http_status,
             "error_type": a.error_type, "error_message": a.error_message, "celery_task_id": a.celery_task_id,
             "worker": a.worker}
 

@@ -26,6 +26,7 @@ import re
 import sys
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -78,6 +79,17 @@ class SimState:
         with self.lock:
             self.faults.append(rule)
         return rule
+
+    def add_note(self, ticket_id: int, text: str, *, internal: bool = False) -> int:
+        """A note written by someone else (a technician, another integration)."""
+        with self.lock:
+            self.next_note_id += 1
+            self.tickets[ticket_id]["notes"].append({
+                "id": self.next_note_id, "ticketId": ticket_id, "text": text, "detailDescriptionFlag": not internal,
+                "internalAnalysisFlag": internal, "resolutionFlag": False, "internalFlag": internal,
+                "externalFlag": not internal, "createdBy": "someone-else",
+                "dateCreated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+            return self.next_note_id
 
     def notes(self, ticket_id: int) -> list[dict[str, Any]]:
         with self.lock:
@@ -215,8 +227,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._patch(state, ticket, body)
             if operation == "post_note":
                 return self._post_note(state, ticket, body)
-            notes = sorted(ticket["notes"], key=lambda n: n["id"], reverse="desc" in query)
-            return 200, notes[: _page_size(query)]
+            return _list_notes(ticket["notes"], query)
 
     def _patch(self, state: SimState, ticket: dict[str, Any], body: Any) -> tuple[int, Any]:
         ops = body if isinstance(body, list) else None
@@ -311,6 +322,20 @@ def _ticket_json(state: SimState, ticket: dict[str, Any]) -> dict[str, Any]:
             "board": {"id": ticket["board_id"], "name": f"Board {ticket['board_id']}"},
             "status": _status_ref(state, ticket["board_id"], ticket["status_id"]),
             "_info": {"lastUpdated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}}
+
+
+def _list_notes(notes: list[dict[str, Any]], query: str) -> tuple[int, Any]:
+    """orderBy id asc|desc, page/pageSize, and the one condition we use: `id > N`."""
+    q = urllib.parse.parse_qs(query)
+    condition = q.get("conditions", [""])[0].strip()
+    if condition:
+        m = re.fullmatch(r"id\s*>\s*(\d+)", condition)
+        if m is None:
+            return 400, {"code": "InvalidObject", "message": f"the simulator does not support conditions={condition!r}"}
+        notes = [n for n in notes if n["id"] > int(m.group(1))]
+    notes = sorted(notes, key=lambda n: n["id"], reverse="desc" in q.get("orderBy", [""])[0])
+    size, page = _page_size(query), max(int(q.get("page", ["1"])[0]), 1)
+    return 200, notes[(page - 1) * size: page * size]
 
 
 def _page_size(query: str) -> int:

@@ -33,6 +33,28 @@ def test_post_applied_then_connection_dropped_leaves_exactly_one_note(world, cha
     assert [e["job_id"] for e in chaos.events("job_retry_scheduled")] == [j.id]
 
 
+def test_a_lost_post_is_found_however_many_notes_were_added_before_the_retry(world, chaos):
+    # given a ticket with 70 notes; the PSA applies our POST and drops the reply
+    sid = world.session(7105)
+    for i in range(70):
+        world.sim.state.add_note(7105, f"Earlier note {i}.")
+    world.sim.state.add_fault(action="drop_after_apply", operation="post_note")
+    chaos.worker().start()
+    job_id = enqueue_resolve(None, sid, "Rebuilt the mail flow rule.")
+    wait_for(lambda: any(n["text"] == "Rebuilt the mail flow rule." for n in world.sim.state.notes(7105)),
+             timeout=15, message="the POST applied")
+    # when 120 more notes land before the retry (a monitoring integration, say): ours is no
+    # longer among the ticket's 50 most recent
+    for i in range(120):
+        world.sim.state.add_note(7105, f"Monitoring update {i}.", internal=True)
+    j = wait_terminal(job_id, timeout=30)
+    # then the retry still finds it and adopts it: one copy on the ticket
+    assert j.state == "succeeded", j.error_message
+    assert [n["text"] for n in world.sim.state.notes(7105)].count("Rebuilt the mail flow rule.") == 1
+    assert world.sim.state.calls["post_note"] == 1 and j.note_adopted is True
+    assert j.note_watermark_id == str(int(world.sim.state.notes(7105)[69]["id"]))  # the newest before ours
+
+
 def test_post_applied_after_our_read_timeout_is_adopted_after_the_settle_time(world, chaos):
     # given the PSA sits on the POST for 3 s (our read timeout is 2 s) and then applies it
     sid = world.session(7102)

@@ -95,6 +95,18 @@ def test_list_recent_notes_newest_first(cw):
     assert [n.text for n in cw.list_recent_notes(1, 2)] == ["c", "b"]
 
 
+def test_list_notes_after_reads_every_newer_note_across_pages_oldest_first(cw, sim):
+    ids = [sim.state.add_note(1, f"note {i}") for i in range(2345)]
+    before = sim.state.calls["list_notes"]
+    newer = cw.list_notes_after(1, str(ids[99]))
+    assert [n.id for n in newer] == [str(i) for i in ids[100:]]  # 2,245 notes: three pages of 1,000
+    assert sim.state.calls["list_notes"] - before == 3
+    assert cw.list_notes_after(1, str(ids[-1])) == []
+    assert [n.text for n in cw.list_notes_after(1, "0")][:2] == ["note 0", "note 1"]
+    with pytest.raises(ValueError, match="integers"):
+        cw.list_notes_after(1, "abc")
+
+
 def test_silent_rejection_patch_says_ok_but_reread_disagrees(cw, sim):
     sim.state.tickets[1]["reject_status_changes"] = True
     assert cw.update_status(1, 9).status_id == 9  # what the PATCH reply claims
