@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, and_, exists, func, insert, literal, or_, select, text, update
+from sqlalchemy import Connection, and_, exists, func, or_, select, text, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, aliased
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
