@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             worker.stop(timeout=60)
         sim.terminate()
         harness.drop_database(os.environ["DATABASE_URL"])
+        T.drop_redis_keys()
     print(json.dumps(report, indent=2))
     return 0
 

@@ -48,6 +48,17 @@ def start_sim(latency: float) -> tuple[subprocess.Popen, str, str]:
     return proc, info["base_url"], info["root_url"]
 
 
+def drop_redis_keys() -> None:
+    """The run's own broker keys (its per-run prefix): messages a stopped worker left behind
+    (the fairness run stops with most of tenant A's backlog queued), bindings, rate limits."""
+    import redis
+
+    client = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"])
+    keys = list(client.scan_iter(match=os.environ["CELERY_REDIS_KEY_PREFIX"] + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
 def sim_control(root: str, path: str, body: dict | None = None) -> dict:
     import requests
 
@@ -413,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             worker.stop(timeout=60)
         sim.terminate()
         harness.drop_database(os.environ["DATABASE_URL"])
+        drop_redis_keys()
     Path(f"/tmp/pswb-bench-report-{os.getpid()}.json").write_text(json.dumps(report, default=str))
     text = render(report)
     print(text)
