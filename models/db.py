@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 DEFAULT_SQLITE_PATH = Path("var") / "psa-writeback.db"
 
@@ -143,6 +144,47 @@ def session_factory() -> sessionmaker[Session]:
     get_engine()
     assert _factory is not None
     return _factory
+
+
+_HOOKED = "psa_writeback_outer_commit_hooks"
+
+
+def after_outer_commit(db: Session, key: str, item: Any, run: Callable[[list[Any]], None]) -> None:
+    """Call `run(items)` once `db`'s outermost transaction has committed, with every item
+    registered under `key` meanwhile (messages announcing rows must not go out before the
+    rows are visible). SQLAlchemy fires after_commit when a SAVEPOINT is released and
+    after_rollback when one is rolled back, so neither says "the rows are committed" or "the
+    rows are gone": an item is dropped only when the transaction it was registered in (or
+    one around it) rolls back, and the rest wait for the outermost COMMIT."""
+    db.info.setdefault(key, []).append((db.get_nested_transaction() or db.get_transaction(), item))
+    hooked: set[str] = db.info.setdefault(_HOOKED, set())
+    if key in hooked:
+        return
+    hooked.add(key)
+
+    def committed(session: Session) -> None:
+        outer = session.get_transaction()
+        if outer is not None and outer.is_active:
+            return  # a SAVEPOINT was released; the outer transaction is still open
+        items = [i for _, i in session.info.pop(key, [])]
+        if items:
+            run(items)
+
+    def rolled_back(session: Session, rolled: SessionTransaction) -> None:
+        session.info[key] = [(t, i) for t, i in session.info.get(key, []) if not _inside(t, rolled)]
+
+    event.listen(db, "after_commit", committed)
+    event.listen(db, "after_soft_rollback", rolled_back)
+
+
+def _inside(transaction: SessionTransaction | None, outer: SessionTransaction) -> bool:
+    if outer.parent is None:  # the outermost transaction rolled back: everything goes
+        return True
+    while transaction is not None:
+        if transaction is outer:
+            return True
+        transaction = transaction.parent
+    return False
 
 
 @contextlib.contextmanager

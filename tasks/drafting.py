@@ -17,12 +17,11 @@ import logging
 from typing import Any
 
 from celery import Task
-from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from drafting.service import PreviewRef, request_preview, run_preview
 from models import DraftKind
-from models.db import session_scope
+from models.db import after_outer_commit, session_scope
 from tasks import validation as v
 from tasks.errors import RequestError
 from worker.app import app
@@ -63,18 +62,14 @@ def enqueue_draft_preview(session_id: Any, kind: Any, db: Session | None = None)
             return enqueue_draft_preview(session_id, kind, own)
     ref, needs_run = request_preview(db, session_id, kind)
     if needs_run:
-        _publish_after_commit(db, session_id, kind)
+        # A message for a row that is not committed yet (or never will be) would be a lie.
+        after_outer_commit(db, _PENDING, (session_id, kind), _publish_all)
     return ref
 
 
-def _publish_after_commit(db: Session, session_id: int, kind: DraftKind) -> None:
-    # A message for a row that is not committed yet (or never will be) would be a lie.
-    pending: list[tuple[int, DraftKind]] = db.info.setdefault(_PENDING, [])
-    pending.append((session_id, kind))
-    if not db.info.get(_PENDING + "_hooked"):
-        db.info[_PENDING + "_hooked"] = True
-        event.listen(db, "after_commit", lambda s: [publish_draft(*p) for p in s.info.pop(_PENDING, [])])
-        event.listen(db, "after_rollback", lambda s: s.info.pop(_PENDING, None))
+def _publish_all(pending: list[tuple[int, DraftKind]]) -> None:
+    for session_id, kind in pending:
+        publish_draft(session_id, kind)
 
 
 def publish_draft(session_id: int, kind: DraftKind) -> bool:

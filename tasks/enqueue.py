@@ -11,12 +11,12 @@ import logging
 import uuid
 from typing import Any
 
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import utcnow, AccountSettings, AiSession, JobKind, JobState, NoteVisibility, PsaConnection, WritebackJob
-from models.db import session_scope
+from models.db import after_outer_commit, session_scope
 from providers import REGISTRY
 from tasks import validation as v
 from tasks.errors import ConflictError, NotFoundError, RequestError
@@ -205,26 +205,12 @@ def _same_intent_or_conflict(existing: WritebackJob, kind: JobKind, session_id: 
 # --- publish after commit -----------------------------------------------------------------
 
 def publish_after_commit(db: Session, job: WritebackJob, priority: int | None = None) -> None:
-    pending: list[tuple[int, str, int | None]] = db.info.setdefault(_PENDING, [])
-    pending.append((job.id, job.kind, priority))
-    if not db.info.get(_PENDING + "_hooked"):
-        db.info[_PENDING + "_hooked"] = True
-        event.listen(db, "after_commit", _publish_pending)
-        event.listen(db, "after_rollback", _drop_pending)
+    after_outer_commit(db, _PENDING, (job.id, job.kind, priority), _publish_all)
 
 
-def _publish_pending(db: Session) -> None:
-    # SQLAlchemy fires after_commit for a released SAVEPOINT too; publishing then would
-    # announce rows the outer transaction has not committed (a worker would find no job).
-    outer = db.get_transaction()
-    if outer is not None and outer.is_active:
-        return
-    for job_id, kind, priority in db.info.pop(_PENDING, []):
+def _publish_all(pending: list[tuple[int, str, int | None]]) -> None:
+    for job_id, kind, priority in pending:
         publish(job_id, kind, priority=priority)
-
-
-def _drop_pending(db: Session) -> None:
-    db.info.pop(_PENDING, None)
 
 
 def publish(job_id: int, kind: str, countdown: float | None = None, priority: int | None = None) -> bool:

@@ -122,3 +122,17 @@ def test_jobs_enqueued_together_are_published_only_after_the_outer_commit(world,
         assert seen == []  # nothing published inside the transaction
     assert sorted(seen) == [(i, True) for i in sorted(ids)]
     assert all(wait_terminal(i).state == "succeeded" for i in ids)
+    # and a SAVEPOINT rolled back after some enqueues forgets only the job inside it
+    seen.clear()
+    later = [world.session(5110 + i) for i in range(3)]
+    with session_scope() as db:
+        first = enqueue_resolve(db, later[0], "Before the savepoint.")
+        try:
+            with db.begin_nested():
+                enqueue_resolve(db, later[1], "Rolled back.")
+                raise RuntimeError("the caller's step failed")
+        except RuntimeError:
+            pass
+        last = enqueue_resolve(db, later[2], "After the savepoint.")
+    assert sorted(seen) == [(first, True), (last, True)]
+    assert wait_terminal(first).state == wait_terminal(last).state == "succeeded"
