@@ -12,7 +12,6 @@ for format) x DRAFT_MAX_ATTEMPTS HTTP calls, each bounded by DRAFT_TIMEOUT_SECON
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 
 from drafting.config import DraftConfig
 from drafting.errors import DraftApiError, DraftError, classify
+from tasks.retry import jittered_delay
 
 if TYPE_CHECKING:  # the SDK (and pydantic) cost a writeback worker ~50 MB: imported on first use
     import anthropic
@@ -102,14 +102,12 @@ def _call(client: "anthropic.Anthropic", cfg: DraftConfig, system: str, messages
 
 def _backoff(cfg: DraftConfig):
     def wait(state: RetryCallState) -> float:
-        ceiling = min(cfg.retry_max_delay_seconds, cfg.retry_base_seconds * 2 ** (state.attempt_number - 1))
-        delay = ceiling / 2 + random.uniform(0, ceiling / 2)
         err = state.outcome.exception() if state.outcome else None
-        if isinstance(err, DraftError) and err.retry_after is not None:
-            # Asking sooner than Retry-After only earns another 429, but a huge value must
-            # not park a worker thread for minutes: the cap wins, and the next 429 says so.
-            delay = max(delay, min(err.retry_after, cfg.retry_max_delay_seconds))
-        return delay
+        # Asking sooner than Retry-After only earns another 429, but a huge value must
+        # not park a worker thread for minutes: the cap wins, and the next 429 says so.
+        retry_after = err.retry_after if isinstance(err, DraftError) else None
+        return jittered_delay(state.attempt_number, cfg.retry_base_seconds, cfg.retry_max_delay_seconds,
+                              retry_after=retry_after)
     return wait
 
 

@@ -8,7 +8,9 @@ Vendor quirks that shaped this module (see shared/reference/psa-apis.md §1):
   CW's own errors name, and a status id from another board is a 400 on `status/id`;
 - notes have no idempotency key, so callers reconcile with list_recent_notes (before the
   POST) and list_notes_after (after an unanswered one): note ids are increasing integers,
-  and `conditions=id > N` with `page`/`pageSize` (at most 1000) reads every newer note.
+  and `conditions=id > N` with `pageSize` (at most 1000), re-asked from the last id of each
+  full page (keyset, not `page=N`, so a deletion between reads cannot skip one), reads
+  every newer note.
 """
 from __future__ import annotations
 
@@ -73,25 +75,28 @@ class ConnectWiseProvider:
         return _note(self._call("POST", f"/service/tickets/{ticket_id}/notes", "post_note", json=body))
 
     def list_recent_notes(self, ticket_id: int, limit: int = 50) -> list[PostedNote]:
-        body = self._call("GET", f"/service/tickets/{ticket_id}/notes", "list_notes",
-                          params={"orderBy": "id desc", "pageSize": min(max(limit, 1), 1000)})
-        if not isinstance(body, list):
-            raise PsaProtocolError("notes reply was not a list", operation="list_notes")
-        return [_note(n) for n in body]
+        return _notes(self._call("GET", f"/service/tickets/{ticket_id}/notes", "list_notes",
+                                 params={"orderBy": "id desc", "pageSize": min(max(limit, 1), 1000)}))
 
     def list_notes_after(self, ticket_id: int, after_id: str) -> list[PostedNote]:
         if not after_id.isdigit():
             raise ValueError(f"ConnectWise note ids are integers, got {after_id!r:.40}")
+        # Keyset paging: each read is page 1 of `id > <last id seen>`. Offset paging (page=N)
+        # would skip a note whenever one on an earlier page is deleted between the reads.
         notes: list[PostedNote] = []
-        for page in range(1, NOTE_PAGES_MAX + 1):
-            body = self._call("GET", f"/service/tickets/{ticket_id}/notes", "list_notes",
-                              params={"conditions": f"id > {int(after_id)}", "orderBy": "id asc",
-                                      "pageSize": NOTE_PAGE_SIZE, "page": page})
-            if not isinstance(body, list):
-                raise PsaProtocolError("notes reply was not a list", operation="list_notes")
-            notes += [_note(n) for n in body]
-            if len(body) < NOTE_PAGE_SIZE:
+        cursor = int(after_id)
+        for _ in range(NOTE_PAGES_MAX):
+            page = _notes(self._call("GET", f"/service/tickets/{ticket_id}/notes", "list_notes",
+                                     params={"conditions": f"id > {cursor}", "orderBy": "id asc",
+                                             "pageSize": NOTE_PAGE_SIZE, "page": 1}))
+            notes += page
+            if len(page) < NOTE_PAGE_SIZE:
                 return notes
+            last = _int(page[-1].id)
+            if last is None or last <= cursor:  # the condition was ignored: paging would never end
+                raise PsaProtocolError(f"notes reply for ticket {ticket_id} did not honour id > {cursor}",
+                                       operation="list_notes")
+            cursor = last
         # Never guess: a reconcile that cannot see every candidate must not post again.
         raise PsaProtocolError(f"ticket {ticket_id} has more than {NOTE_PAGES_MAX * NOTE_PAGE_SIZE} notes newer "
                                f"than note {after_id}", operation="list_notes")
@@ -112,6 +117,12 @@ def _ticket(body: Any) -> Ticket:
     board = body.get("board") or {}
     return Ticket(id=int(body["id"]), status_id=_int(status.get("id")), status_name=status.get("name"),
                   board_id=_int(board.get("id")), closed=body.get("closedFlag"))
+
+
+def _notes(body: Any) -> list[PostedNote]:
+    if not isinstance(body, list):
+        raise PsaProtocolError("notes reply was not a list", operation="list_notes")
+    return [_note(n) for n in body]
 
 
 def _note(body: Any) -> PostedNote:

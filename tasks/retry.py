@@ -7,10 +7,22 @@ import random
 from dataclasses import dataclass
 
 from providers.errors import PsaError, PsaRateLimited, PsaRecordBusy
+from providers.http import timeouts
 
 
-def _read_timeout() -> float:
-    return float(os.environ.get("PSA_READ_TIMEOUT", "30"))
+def jittered_delay(attempt: int, base: float, cap: float, *, factor: float = 2.0,
+                   retry_after: float | None = None, rng: random.Random | None = None) -> float:
+    """Delay after failed attempt number `attempt` (1-based): exponential from `base` with
+    "equal jitter" (half fixed, half random, never above `cap`) so a burst of failures does
+    not retry in step. A server's Retry-After is a floor, since asking sooner just earns
+    another 429, but it is capped at `cap` too: a huge value must not park a caller for
+    hours, the cap wins and the next 429 says so again. Pure: no clock, no environment."""
+    rng = rng or random
+    ceiling = min(cap, base * factor ** max(attempt - 1, 0))
+    delay = ceiling / 2 + rng.uniform(0, ceiling / 2)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, cap))
+    return delay
 
 
 @dataclass(frozen=True)
@@ -31,18 +43,15 @@ class RetryPolicy:
                    factor=float(os.environ.get("RETRY_FACTOR", "2")),
                    max_delay_seconds=float(os.environ.get("RETRY_MAX_DELAY_SECONDS", "1800")),
                    max_attempts=int(os.environ.get("RETRY_MAX_ATTEMPTS", "8")),
-                   post_settle_seconds=float(os.environ.get("POST_SETTLE_SECONDS", str(_read_timeout()))))
+                   post_settle_seconds=float(os.environ.get("POST_SETTLE_SECONDS", str(timeouts()[1]))))
 
     def delay(self, attempt: int, error: PsaError | None = None, rng: random.Random | None = None) -> float:
         """Delay after failed attempt number `attempt` (1-based): exponential with "equal
         jitter" (half fixed, half random) so a burst of failures does not retry in step.
         A vendor Retry-After is a floor: asking sooner just earns another 429. So is the
         settle time after a POST that may have been applied."""
-        rng = rng or random
-        ceiling = min(self.max_delay_seconds, self.base_seconds * self.factor ** max(attempt - 1, 0))
-        delay = ceiling / 2 + rng.uniform(0, ceiling / 2)
-        if error is not None and error.retry_after is not None:
-            delay = max(delay, min(error.retry_after, self.max_delay_seconds))
+        delay = jittered_delay(attempt, self.base_seconds, self.max_delay_seconds, factor=self.factor,
+                               retry_after=error.retry_after if error is not None else None, rng=rng)
         if error is not None and post_may_have_landed(error):
             delay = max(delay, self.post_settle_seconds)
         return delay

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,7 @@ from sqlalchemy.orm import Session, aliased
 from models import AccountSettings, Alert, AlertKind, DeliveryState, JobState, WritebackJob, utcnow
 from models.db import session_scope
 from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
+from tasks.retry import jittered_delay
 from tasks.store import db_retry
 from worker import metrics
 from worker.alert_payload import slack_message, summary
@@ -130,9 +130,9 @@ def _announce(alert_id: int | None, values: dict[str, Any]) -> int | None:
     return alert_id
 
 
-def publish_delivery(alert_id: int, countdown: float | None = None) -> bool:
+def publish_delivery(alert_id: int) -> bool:
     try:
-        deliver_alert.apply_async(kwargs={"alert_id": alert_id}, countdown=countdown, retry=False)
+        deliver_alert.apply_async(kwargs={"alert_id": alert_id}, retry=False)
         return True
     except Exception as err:  # broker down: check_stuck re-publishes overdue deliveries
         log.warning("could not queue the webhook for alert %s (%s); the reconciler will", alert_id,
@@ -187,9 +187,8 @@ class Delivery:
 
 
 def _backoff(attempt: int) -> float:
-    base, cap = _env_float("ALERT_WEBHOOK_RETRY_SECONDS", 15), _env_float("ALERT_WEBHOOK_MAX_DELAY_SECONDS", 600)
-    ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+    return jittered_delay(attempt, _env_float("ALERT_WEBHOOK_RETRY_SECONDS", 15),
+                          _env_float("ALERT_WEBHOOK_MAX_DELAY_SECONDS", 600))
 
 
 def deliver(alert_id: int) -> Delivery:

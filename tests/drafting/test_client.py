@@ -78,3 +78,21 @@ def test_no_key_is_a_configuration_error_before_any_request(api):
     with pytest.raises(DraftConfigError, match="ANTHROPIC_API_KEY is not set"):
         ask(_cfg(api, api_key=""), "s", MESSAGES, Usage())
     assert api.messages_requests() == []
+
+
+def test_backoff_is_the_shared_jittered_delay_with_retry_after_capped(monkeypatch):
+    from types import SimpleNamespace
+
+    from drafting import client
+
+    monkeypatch.setattr("random.uniform", lambda lo, hi: hi)  # the top of each jitter window
+    cfg = SimpleNamespace(retry_base_seconds=1.0, retry_max_delay_seconds=5.0)
+    wait = client._backoff(cfg)
+
+    def state(n, err=None):
+        return SimpleNamespace(attempt_number=n, outcome=SimpleNamespace(exception=lambda: err))
+
+    assert [wait(state(n)) for n in (1, 2, 3, 4, 9)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    limited = DraftApiError("429", retryable=True, retry_after=3.0)
+    assert wait(state(1, limited)) == 3.0
+    assert wait(state(1, DraftApiError("429", retryable=True, retry_after=600.0))) == 5.0  # the cap wins

@@ -11,7 +11,6 @@ import pytest
 from models.enums import NoteVisibility
 from providers import Credentials, UnknownProviderError, provider_for
 from providers import errors as E
-from providers.simulators.connectwise import SimulatorServer
 
 
 @pytest.fixture()
@@ -155,3 +154,34 @@ def test_from_response_recognises_a_status_from_another_board():
 
 def test_retry_after_in_http_date_form_is_ignored_not_fatal():
     assert E.from_response(429, "slow down", {"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT"}).retry_after is None
+
+
+def test_list_notes_after_pages_by_key_so_a_deletion_between_reads_skips_nothing(cw, sim, monkeypatch):
+    ids = [sim.state.add_note(1, f"note {i}") for i in range(2345)]
+    real_call, queries = cw._call, []
+
+    def call_then_delete(method, path, operation, **kwargs):
+        queries.append(dict(kwargs.get("params") or {}))
+        body = real_call(method, path, operation, **kwargs)
+        if len(queries) == 1:  # someone deletes a note we already read, before our next page
+            with sim.state.lock:
+                sim.state.tickets[1]["notes"] = [n for n in sim.state.tickets[1]["notes"] if n["id"] != ids[150]]
+        return body
+
+    monkeypatch.setattr(cw, "_call", call_then_delete)
+    newer = cw.list_notes_after(1, str(ids[99]))
+    assert [n.id for n in newer] == [str(i) for i in ids[100:]]  # page one was read before the deletion
+    assert [(q["conditions"], q["page"]) for q in queries] == [
+        (f"id > {ids[99]}", 1), (f"id > {ids[1099]}", 1), (f"id > {ids[2099]}", 1)]
+
+
+def test_list_notes_after_refuses_to_guess_beyond_the_page_cap(cw, sim, monkeypatch):
+    from providers import connectwise
+
+    monkeypatch.setattr(connectwise, "NOTE_PAGES_MAX", 2)
+    ids = [sim.state.add_note(1, f"note {i}") for i in range(2001)]
+    before = sim.state.calls["list_notes"]
+    with pytest.raises(E.PsaProtocolError, match="more than 2000 notes newer than note 0"):
+        cw.list_notes_after(1, "0")
+    assert sim.state.calls["list_notes"] - before == 2
+    assert len(cw.list_notes_after(1, str(ids[1]))) == 1999  # under the cap: read in full

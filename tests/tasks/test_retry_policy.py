@@ -58,3 +58,41 @@ def test_countdowns_stay_well_under_the_visibility_timeout(monkeypatch):
             assert writeback.max_countdown() == expected
     finally:
         app.conf.broker_transport_options = options
+
+
+@pytest.mark.parametrize("attempt,ceiling", [(0, 10), (1, 10), (2, 30), (3, 90), (4, 200), (50, 200)])
+def test_jittered_delay_is_half_fixed_half_random_under_its_ceiling(attempt, ceiling):
+    from tasks.retry import jittered_delay
+
+    delays = [jittered_delay(attempt, 10, 200, factor=3, rng=random.Random(seed)) for seed in range(200)]
+    assert all(ceiling / 2 <= d <= ceiling for d in delays)
+    assert max(delays) - min(delays) > ceiling / 4
+
+
+def test_jittered_delay_takes_retry_after_as_a_floor_capped_at_the_maximum():
+    from tasks.retry import jittered_delay
+
+    assert jittered_delay(1, 10, 200, retry_after=150, rng=random.Random(1)) == 150
+    assert jittered_delay(1, 10, 200, retry_after=10**6, rng=random.Random(1)) == 200  # the cap wins
+    assert jittered_delay(1, 10, 200, retry_after=0, rng=random.Random(1)) <= 10
+
+
+def test_policy_delay_is_the_shared_formula_plus_the_settle_floor():
+    from tasks.retry import jittered_delay
+
+    for attempt in range(1, 10):
+        for error in (None, PsaRateLimited("slow down", retry_after=400)):
+            expected = jittered_delay(attempt, 30, 1800, factor=2, rng=random.Random(attempt),
+                                      retry_after=error.retry_after if error else None)
+            assert POLICY.delay(attempt, error, rng=random.Random(attempt)) == expected
+    landed = PsaTransientError("timed out", operation="post_note")
+    assert POLICY.delay(1, landed, rng=random.Random(0)) == max(
+        jittered_delay(1, 30, 1800, rng=random.Random(0)), 45)
+
+
+def test_settle_time_follows_the_providers_read_timeout_default(monkeypatch):
+    from providers.http import timeouts
+
+    monkeypatch.delenv("POST_SETTLE_SECONDS", raising=False)
+    monkeypatch.delenv("PSA_READ_TIMEOUT", raising=False)
+    assert RetryPolicy.from_env().post_settle_seconds == timeouts()[1]
