@@ -24,10 +24,11 @@ from contextvars import ContextVar
 from typing import Any
 
 CONTEXT_FIELDS = ("job_id", "task_id", "task_name", "account_id", "provider", "ticket_id")
+_JOB_FIELDS = ("job_id", "account_id", "provider", "ticket_id")
 # Attributes our code passes with `extra=` that belong in a structured line (an allow-list).
 EXTRA_FIELDS = ("step", "attempt", "note_id", "operation", "http_status", "seconds", "state", "outcome", "kind",
-                "connection_id", "alert_id", "alert_kind", "error_type", "expected_status_id",
-                "observed_status_id", "delay", "count", "delivery")
+                "connection_id", "alert_id", "alert_kind", "expected_status_id", "observed_status_id",
+                "delivery")
 
 _context: ContextVar[dict[str, Any] | None] = ContextVar("psa_writeback_log_context", default=None)
 _resolving = threading.local()
@@ -51,13 +52,10 @@ def clear() -> None:
     _context.set(None)
 
 
-def current() -> dict[str, Any]:
-    return dict(_context.get() or {})
-
-
 def set_job_resolver(fn: Callable[[int], dict[str, Any] | None] | None) -> None:
-    """fn(job_id) -> {account_id, provider, ticket_id}: fills the context when a line names a
-    job the context does not know yet (a task sent with the intent instead of a job id)."""
+    """fn(job_id) -> {account_id, provider, ticket_id}: fills in a line that names a job its
+    task's context does not know and carries no account of its own. Only that line: a
+    claimed job's context is bound by the claim (worker.signals, job_claimed)."""
     global _job_resolver
     _job_resolver = fn
 
@@ -73,7 +71,13 @@ class ContextFilter(logging.Filter):
         ctx = _context.get() or {}
         job_id = getattr(record, "job_id", None)
         if job_id is not None and ctx.get("job_id") != job_id:
-            ctx = self._resolve(job_id, ctx)
+            # Another job than the task's (or a task without one): the task's job fields do
+            # not belong on this line. A line that brings its own account (every alert line)
+            # needs no lookup; any other is looked up for this record only: the task's
+            # context stays as it is, so its next lines are not stamped with this job.
+            ctx = {k: v for k, v in ctx.items() if k not in _JOB_FIELDS}
+            if getattr(record, "account_id", None) is None:
+                ctx.update(self._resolve(job_id))
         for name in CONTEXT_FIELDS:
             if getattr(record, name, None) is None and ctx.get(name) is not None:
                 setattr(record, name, ctx[name])
@@ -83,9 +87,9 @@ class ContextFilter(logging.Filter):
         return True
 
     @staticmethod
-    def _resolve(job_id: Any, ctx: dict[str, Any]) -> dict[str, Any]:
+    def _resolve(job_id: Any) -> dict[str, Any]:
         if _job_resolver is None or getattr(_resolving, "active", False):
-            return ctx
+            return {}
         _resolving.active = True  # the lookup may log (SQLAlchemy); never recurse into it
         try:
             found = _job_resolver(int(job_id)) or {}
@@ -93,9 +97,7 @@ class ContextFilter(logging.Filter):
             found = {}
         finally:
             _resolving.active = False
-        if ctx.get("job_id") is None:  # inside a task that had no job id yet: keep it for its next lines
-            bind(job_id=job_id, **found)
-        return {**ctx, "job_id": job_id, **found}
+        return dict(found)
 
 
 class JsonFormatter(logging.Formatter):
