@@ -52,28 +52,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--profile", type=Path, help="py-spy collapsed stacks of our worker to this file")
     args = p.parse_args(argv)
-    env = T.setup_env()
-    import celeryconfig
-
-    sim, base, _root = T.start_sim(0.0)
-    worker = None
     report: dict[str, dict] = {}
-    try:
-        from models.migrate import upgrade
+    with T.bench_stack(0.0, [1001]) as stack:
+        import celeryconfig
 
-        upgrade()
-        conns = T.seed_world(base, [1001])
+        env, sim, base, conns = stack.env, stack.sim, stack.base, stack.conns
         if not args.no_reference:
-            ref = T.start_reference_worker(env, celeryconfig.worker_concurrency)
+            ref = stack.worker(T.reference_worker(env, celeryconfig.worker_concurrency))
             try:
-                before = snapshot(ref.pid, sim.pid)
+                ref.start()
+                before = snapshot(ref.proc.pid, sim.pid)
                 r1 = T.reference(args.jobs, base, 1_000_000)
                 report["reference"] = {"jobs_per_s": round(r1["jobs_per_s"], 1),
-                                       "cpu_ms_per_job": per_job(before, snapshot(ref.pid, sim.pid), args.jobs)}
+                                       "cpu_ms_per_job": per_job(before, snapshot(ref.proc.pid, sim.pid), args.jobs)}
             finally:
-                ref.terminate()
-                ref.wait(30)
-        worker = harness.WorkerProcess(env, concurrency=celeryconfig.worker_concurrency)
+                ref.stop(timeout=30)
+        worker = stack.worker(harness.WorkerProcess(env, concurrency=celeryconfig.worker_concurrency))
         started: dict = {}
 
         def start() -> None:
@@ -95,12 +89,6 @@ def main(argv: list[str] | None = None) -> int:
                           "cpu_ms_per_job": per_job(started["before"], after, args.jobs)}
         if "reference" in report:
             report["ours"]["ratio_to_reference"] = round(r2["jobs_per_s"] / r1["jobs_per_s"], 2)
-    finally:
-        if worker:
-            worker.stop(timeout=60)
-        sim.terminate()
-        harness.drop_database(os.environ["DATABASE_URL"])
-        T.drop_redis_keys()
     print(json.dumps(report, indent=2))
     return 0
 

@@ -11,6 +11,8 @@ figure from one run and writes them to bench/results/ with --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -347,13 +349,54 @@ def rss_peak_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_reference_worker(env: dict[str, str], concurrency: int) -> subprocess.Popen:
-    log = Path(f"/tmp/pswb-bench-ref-{os.getpid()}.log")
-    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench.reference", "worker", "-P", "threads",
-                             "-c", str(concurrency), "-Q", "bench_ref", "-l", "INFO", "--without-gossip",
-                             "--without-mingle"], cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    harness.wait_for(lambda: " ready." in log.read_text(errors="replace"), 30, message="reference worker")
-    return proc
+def reference_worker(env: dict[str, str], concurrency: int) -> harness.WorkerProcess:
+    """The reference worker (bench/reference.py), not yet started: `.start()` / `.stop()`."""
+    return harness.WorkerProcess(env, app="bench.reference", queues="bench_ref", concurrency=concurrency)
+
+
+@dataclasses.dataclass
+class BenchStack:
+    env: dict[str, str]
+    sim: subprocess.Popen
+    base: str
+    root: str
+    conns: dict[int, int]
+    workers: list[harness.WorkerProcess] = dataclasses.field(default_factory=list)
+
+    def worker(self, worker: harness.WorkerProcess) -> harness.WorkerProcess:
+        """Register a worker (started or not) to be stopped before the rest is torn down."""
+        self.workers.append(worker)
+        return worker
+
+
+@contextlib.contextmanager
+def bench_stack(latency: float, accounts: list[int]):
+    """A fresh database (migrated) and broker key prefix, the simulator at `latency`, and one
+    connection per account. On exit: registered workers stopped, simulator terminated,
+    database dropped, the run's Redis keys deleted."""
+    env = setup_env()
+    sim = None
+    stack = None
+    try:
+        sim, base, root = start_sim(latency)
+        from models.migrate import upgrade
+
+        upgrade()
+        stack = BenchStack(env, sim, base, root, seed_world(base, accounts))
+        yield stack
+    finally:
+        for worker in reversed(stack.workers if stack else []):
+            worker.stop(timeout=60)
+        if sim is not None:
+            sim.terminate()
+            try:
+                sim.wait(30)
+            except subprocess.TimeoutExpired:
+                sim.kill()
+                sim.wait(10)
+            sim.stdout.close()
+        harness.drop_database(os.environ["DATABASE_URL"])
+        drop_redis_keys()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,29 +412,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="also write the report to this file")
     args = p.parse_args(argv)
 
-    env = setup_env()
-    import celeryconfig
-
-    conc = celeryconfig.worker_concurrency
     sql_file = Path(f"/tmp/pswb-bench-sql-{os.getpid()}.json")
-    report: dict = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "concurrency": conc,
-                    "pool": celeryconfig.worker_pool, "cpus": os.cpu_count()}
-    sim, base, root = start_sim(0.0)
-    worker = None
-    try:
-        from models.migrate import upgrade
+    when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    with bench_stack(0.0, [1001, 1002, 1003]) as stack:
+        import celeryconfig
 
-        upgrade()
-        conns = seed_world(base, [1001, 1002, 1003])
-        ref_worker = start_reference_worker(env, conc)
+        env, base, root, conns = stack.env, stack.base, stack.root, stack.conns
+        conc = celeryconfig.worker_concurrency
+        report: dict = {"when": when, "concurrency": conc, "pool": celeryconfig.worker_pool, "cpus": os.cpu_count()}
+        ref_worker = stack.worker(reference_worker(env, conc))
         try:
+            ref_worker.start()
             report["1_reference"] = reference(args.jobs, base, 1_000_000)
         finally:
-            ref_worker.terminate()
-            ref_worker.wait(30)
+            ref_worker.stop(timeout=30)
         calls_before = sum(sim_control(root, "/_sim/stats")["calls"].values())
-        worker = harness.WorkerProcess({**env, "PSA_WRITEBACK_SQL_COUNT_FILE": str(sql_file)},
-                                       concurrency=conc)
+        worker = stack.worker(harness.WorkerProcess({**env, "PSA_WRITEBACK_SQL_COUNT_FILE": str(sql_file)},
+                                                    concurrency=conc))
         r2 = ours(args.jobs, conns[1001], 1001, 2_000_000, start=worker.start)
         calls = sum(sim_control(root, "/_sim/stats")["calls"].values()) - calls_before
         r2["ratio_to_reference"] = r2["jobs_per_s"] / report["1_reference"]["jobs_per_s"]
@@ -419,12 +456,6 @@ def main(argv: list[str] | None = None) -> int:
         report["5_sql_statements_per_job"] = counted["statements"] / max(executions, 1)
         report["5_sql_commits_per_job"] = counted.get("commits", 0) / max(executions, 1)
         report["7_backlog"] = backlog(args.backlog_finished, args.backlog_due)
-    finally:
-        if worker:
-            worker.stop(timeout=60)
-        sim.terminate()
-        harness.drop_database(os.environ["DATABASE_URL"])
-        drop_redis_keys()
     Path(f"/tmp/pswb-bench-report-{os.getpid()}.json").write_text(json.dumps(report, default=str))
     text = render(report)
     print(text)

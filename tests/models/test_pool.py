@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import exc, text
 
 from models.db import make_engine
+from tests.harness import wait_for
 
 
 @pytest.fixture()
@@ -26,13 +27,20 @@ def backend_pid(engine) -> int:
 
 
 def kill(engine, pid: int) -> None:
+    """pg_terminate_backend returns once the signal is sent: wait until the backend is gone."""
     other = make_engine(os.environ["DATABASE_URL"], pool_size=1)
+
+    def gone() -> bool:
+        # a transaction of its own per look: pg_stat_activity is a snapshot per transaction
+        with other.connect() as conn:
+            return pid not in conn.execute(text("SELECT pid FROM pg_stat_activity")).scalars().all()
+
     try:
         with other.connect() as conn:
             assert conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar() is True
+        wait_for(gone, timeout=10, interval=0.01, message=f"backend {pid} to exit")
     finally:
         other.dispose()
-    time.sleep(0.05)
 
 
 def test_an_idle_connection_killed_by_the_server_is_replaced_at_checkout(engine):

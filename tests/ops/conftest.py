@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -30,12 +29,6 @@ from tests import harness
 OPS_BROKER_URL = f"{harness.REDIS_BASE}/{int(os.environ.get('TEST_OPS_REDIS_DB', '12'))}"
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "worker.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Receiver(ThreadingHTTPServer):

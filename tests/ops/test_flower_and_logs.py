@@ -18,8 +18,8 @@ from models import PsaConnection, WritebackJob
 from models.db import session_scope
 from tasks import admin
 from tests.factories import session_row, wait_terminal
-from tests.harness import wait_for
-from tests.ops.conftest import ROOT, EventCapture, free_port, procfile_command, procfile_env, start_worker, submit
+from tests.harness import free_port, wait_for
+from tests.ops.conftest import ROOT, EventCapture, procfile_command, procfile_env, start_worker, submit
 
 AUTH = ("ops", "fake-test-password")
 

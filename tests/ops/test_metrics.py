@@ -15,8 +15,8 @@ from models import JobKind, utcnow
 from models.db import session_scope
 from tasks.enqueue import build_job
 from tests.factories import wait_terminal
-from tests.harness import wait_for
-from tests.ops.conftest import ROOT, free_port, procfile_command, procfile_env, start_worker, submit
+from tests.harness import free_port, wait_for
+from tests.ops.conftest import ROOT, procfile_command, procfile_env, start_worker, submit
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from tests import harness
 from tests.factories import wait_terminal
-from tests.harness import wait_for
-from tests.ops.conftest import free_port, ops_env, submit
+from tests.harness import free_port, wait_for
+from tests.ops.conftest import ops_env, submit
 from tests.ops.test_metrics import scrape, total, value
 
 
