@@ -25,9 +25,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import (AiSession, Alert, AlertKind, JobAction, JobState, NoteState, PsaConnection, SessionStatus,
-                    WritebackJob, utcnow)
-from models import crypto
+from models import AiSession, Alert, AlertKind, JobAction, JobState, NoteState, PsaConnection, WritebackJob, utcnow
 from models.db import session_scope
 from models.enums import CLAIMABLE_STATES
 from providers import provider_for
@@ -35,9 +33,9 @@ from providers.base import Credentials
 from providers.errors import PsaError
 from tasks import store
 from tasks.retry import RetryPolicy
+from tasks.runner import _DONE_STATUS
 
 Publish = Callable[[int, str], bool]
-_DONE_STATUS = {"resolve": SessionStatus.RESOLVED, "escalate": SessionStatus.ESCALATED}
 
 
 @dataclass(frozen=True)
@@ -144,15 +142,19 @@ def _load_target(job_id: int) -> _Target | RepairResult:
         if job.state != JobState.VERIFICATION_FAILED.value:
             return RepairResult(job_id, "reverify", False, job.state,
                                 f"job is {job.state}: only verification_failed jobs can be re-verified")
-        conn = db.get(PsaConnection, job.psa_connection_id) if job.psa_connection_id else None
-        if conn is None or job.ticket_id is None or job.target_status_id is None or job.provider is None:
+        if (job.psa_connection_id is None or job.ticket_id is None or job.target_status_id is None
+                or job.provider is None):
             return RepairResult(job_id, "reverify", False, job.state, "job has no PSA ticket or target status")
-        encrypted = (conn.base_url, conn.company_id, conn.client_id, conn.public_key_encrypted,
-                     conn.private_key_encrypted)
+        conn = db.get(PsaConnection, job.psa_connection_id)
+        connection = (job.psa_connection_id, None, None, None, None, None, None, None) if conn is None else (
+            job.psa_connection_id, conn.id, conn.is_active, conn.base_url, conn.company_id, conn.client_id,
+            conn.public_key_encrypted, conn.private_key_encrypted)
         snapshot = (job.kind, job.session_id, job.ticket_id, job.target_status_id, job.provider, dict(job.result or {}))
-    base_url, company, client, pub, priv = encrypted  # decrypted outside the transaction
-    creds = Credentials(base_url, company, client, crypto.decrypt(pub), crypto.decrypt(priv))
     kind, session_id, ticket_id, target, provider, result = snapshot
+    creds, setup_error = store.credentials_for(*connection)  # decrypted outside the transaction
+    if creds is None:
+        return RepairResult(job_id, "reverify", False, JobState.VERIFICATION_FAILED.value,
+                            f"cannot re-read ticket {ticket_id}: {setup_error}")
     return _Target(kind, session_id, ticket_id, target, provider, creds, result)
 
 

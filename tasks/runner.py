@@ -49,9 +49,8 @@ class Outcome:
     message: str = ""
     delay: float = 0.0
     result: dict[str, Any] = field(default_factory=dict)
-    # The ticket's next live job, looked up in the outcome's transaction (when known).
+    # The ticket's next live job, looked up in the outcome's own transaction (store.finish).
     next_on_ticket: tuple[int, str] | None = None
-    next_known: bool = False
 
 
 def execute(job_id: int, task_id: str | None = None, worker: str | None = None,
@@ -95,8 +94,10 @@ def _refused(refusal: ClaimRefusal) -> Outcome:
 def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
     if job.connection_id is None:
         return _finish_local(job)
+    # A linked job without credentials has a setup_error and was failed before _run.
+    assert job.credentials is not None
     # every PSA call below passes the connection's gate (cooldown after a 429, token bucket)
-    limited = ratelimit.connection_key(job.connection_id, job.credentials.base_url) if job.credentials else None
+    limited = ratelimit.connection_key(job.connection_id, job.credentials.base_url)
     job.scratch["limit_key"] = limited
     calls = (2 if job.markdown is not None else 0) + (3 if job.target_status_id is not None else 0)
     _running.job = job
@@ -236,5 +237,4 @@ def _done(job: ClaimedJob, state: JobState, result: dict[str, Any], message: str
                 error_message=message or None, provider=job.provider, account_id=job.account_id,
                 ticket_id=job.ticket_id, connection_id=job.connection_id, attempts=job.attempt_no,
                 open_alerts=job.scratch.get("open_alerts"))
-    return Outcome(job.id, state.value, message, result=result, next_on_ticket=job.scratch.get("next"),
-                   next_known="next" in job.scratch)
+    return Outcome(job.id, state.value, message, result=result, next_on_ticket=job.scratch.get("next"))

@@ -35,6 +35,7 @@ log = logging.getLogger("psa_writeback.store")
 
 _TERMINAL = [s.value for s in TERMINAL_STATES]
 _CLAIMABLE = [s.value for s in CLAIMABLE_STATES]
+_CLAIMABLE_SQL = ", ".join(f"'{s}'" for s in _CLAIMABLE)  # for plain-SQL `state IN (...)`
 # A retry message's ETA and our clock may disagree slightly; do not bounce it for that.
 DUE_TOLERANCE = dt.timedelta(seconds=1)
 
@@ -163,14 +164,13 @@ def _claim_sql() -> str:
     job_columns = ", ".join(f"j.{c.key}" for c in _JOB_COLUMNS)
     connection_columns = ", ".join(f"c.{c.element.key} AS {c.key}" for c in _CONNECTION_COLUMNS)
     terminal = ", ".join(f"'{s}'" for s in _TERMINAL)
-    claimable = ", ".join(f"'{s}'" for s in _CLAIMABLE)
     return f"""{_RELAXED};
 SELECT pg_advisory_xact_lock(hashtext(ticket_key)) FROM writeback_jobs WHERE id = %(id)s;
 WITH claimed AS (
   UPDATE writeback_jobs AS j SET state = 'running', claimed_by = %(token)s, attempts = j.attempts + 1,
     lease_until = %(lease)s, started_at = coalesce(j.started_at, %(now)s), updated_at = %(now)s
   WHERE j.id = %(id)s AND (%(kind)s::varchar IS NULL OR j.kind = %(kind)s)
-    AND ((j.state IN ({claimable}) AND j.next_attempt_at <= %(due)s)
+    AND ((j.state IN ({_CLAIMABLE_SQL}) AND j.next_attempt_at <= %(due)s)
          OR (j.state = 'running' AND j.lease_until < %(now)s))
     AND NOT EXISTS (SELECT 1 FROM writeback_jobs o WHERE o.ticket_key = j.ticket_key AND o.id <> j.id
                     AND ((o.id < j.id AND o.state NOT IN ({terminal}))
@@ -275,19 +275,28 @@ def _keys(conn_id: int, public: bytes, private: bytes) -> tuple[str, str]:
     return keys
 
 
+def credentials_for(connection_id: int, c_id: int | None, c_active: bool | None, base_url: str | None,
+                    company_id: str | None, client_id: str | None, public_enc: bytes | None,
+                    private_enc: bytes | None) -> tuple[Credentials | None, str | None]:
+    """A job's PSA credentials, or why it cannot use its connection (`connection_id`, the
+    job's psa_connection_id): the connection row is gone (`c_id` None), deactivated, or its
+    keys no longer decrypt. Exactly one of the two is None."""
+    if c_id is None:
+        return None, f"PSA connection {connection_id} no longer exists"
+    if not c_active:
+        return None, f"PSA connection {connection_id} was deactivated after the job was enqueued"
+    try:  # keys are decrypted in the worker (or the operator's CLI) only, never logged or stored
+        public, private = _keys(c_id, public_enc, private_enc)
+    except ConfigurationError as err:
+        return None, str(err)
+    return Credentials(base_url, company_id, client_id, public, private), None
+
+
 def _snapshot(row: Any, token: str, started_at: dt.datetime | None = None) -> ClaimedJob:
     creds, setup_error = None, None
     if row.psa_connection_id is not None:
-        if row.c_id is None:
-            setup_error = f"PSA connection {row.psa_connection_id} no longer exists"
-        elif not row.c_active:
-            setup_error = f"PSA connection {row.psa_connection_id} was deactivated after the job was enqueued"
-        else:
-            try:  # keys are decrypted in the worker only, never logged, never stored elsewhere
-                public, private = _keys(row.c_id, row.c_public, row.c_private)
-                creds = Credentials(row.c_base_url, row.c_company_id, row.c_client_id, public, private)
-            except ConfigurationError as err:
-                setup_error = str(err)
+        creds, setup_error = credentials_for(row.psa_connection_id, row.c_id, row.c_active, row.c_base_url,
+                                             row.c_company_id, row.c_client_id, row.c_public, row.c_private)
     job = ClaimedJob(id=row.id, kind=row.kind, token=token, attempt_no=row.attempts, max_attempts=row.max_attempts,
                      session_id=row.session_id, account_id=row.account_id, provider=row.provider,
                      connection_id=row.psa_connection_id, ticket_id=row.ticket_id, markdown=row.markdown,
@@ -392,12 +401,12 @@ def renew_lease(job: ClaimedJob) -> None:
     job.scratch["lease_renewed"] = time.monotonic()
 
 
-def renew_lease_if_aged(job: ClaimedJob, fraction: float = 0.1) -> bool:
-    """Renew unless this execution renewed it (claim, note intent) within `fraction` of the
+def renew_lease_if_aged(job: ClaimedJob) -> bool:
+    """Renew unless this execution renewed it (claim, note intent) within a tenth of the
     lease: the step then still has at least 90 % of a lease, and a job whose note went out
     a moment ago saves a transaction. Returns whether it wrote."""
     renewed = job.scratch.get("lease_renewed")
-    if renewed is not None and time.monotonic() - renewed < fraction * lease_seconds():
+    if renewed is not None and time.monotonic() - renewed < 0.1 * lease_seconds():
         return False
     renew_lease(job)
     return True
@@ -452,7 +461,9 @@ def _session_note_columns(kind: str) -> tuple[str, str, str] | None:
 def finish(job: ClaimedJob, state: JobState, outcome: AttemptOutcome, *, result: dict[str, Any],
            session_values: dict[str, Any] | None = None, error: BaseException | str | tuple[str, str] | None = None,
            http_status: int | None = None, step: str | None = None, **job_values: Any) -> None:
-    """The terminal write: job state + result, session columns, the attempt's outcome."""
+    """The terminal write: job state + result, session columns, the attempt's outcome.
+    Leaves the ticket's next live job in job.scratch["next"] ((id, kind) or None), read in
+    the same transaction, also when our own earlier try had recorded the outcome already."""
     now = utcnow()
     note_job, note_session = _note_values(job)
     job_columns = {"updated_at": now, "state": state.value, "result": result, "finished_at": now, "lease_until": None,
@@ -466,18 +477,15 @@ def finish(job: ClaimedJob, state: JobState, outcome: AttemptOutcome, *, result:
         else:
             attempt_columns = _attempt_columns(job, outcome, now, error, http_status, step)
             nxt = _finish_pg(db, job, state, job_columns, session_columns, attempt_columns)
-        if nxt is False:
-            return  # already recorded by our own earlier try (see _guarded)
-    if job.ticket_key:
-        job.scratch["next"] = (nxt.id, nxt.kind) if nxt else None
+    job.scratch["next"] = nxt
 
 
 def _finish_pg(db: DB, job: ClaimedJob, state: JobState, job_columns: dict[str, Any],
-               session_columns: dict[str, Any], attempt_columns: dict[str, Any]) -> Any:
+               session_columns: dict[str, Any], attempt_columns: dict[str, Any]) -> tuple[int, str] | None:
     """finish() on PostgreSQL in one round trip: relaxed durability (see _RELAXED), the
     guarded job update, the session and attempt updates only if that one matched, and the
-    ticket's next live job. Returns that next job (a row or None), or False when our own
-    earlier try already recorded this outcome."""
+    ticket's next live job. Returns that next job, (id, kind) or None, also when our own
+    earlier try already recorded this outcome (then nothing is written)."""
     job_where, attempt_where = {"id": job.id, "claimed_by": job.token}, {"job_id": job.id, "attempt_no": job.attempt_no}
     if_job = "EXISTS (SELECT 1 FROM j)"
     parts = [f"j AS ({_update_sql('writeback_jobs', job_columns, job_where, _OWNED, 'j')} RETURNING id)",
@@ -492,12 +500,14 @@ def _finish_pg(db: DB, job: ClaimedJob, state: JobState, job_columns: dict[str, 
     row = _conn(db).exec_driver_sql(
         f"{_RELAXED}; WITH {', '.join(parts)} SELECT (SELECT count(*) FROM j) AS updated, n.id, n.kind, "
         f"{_OPEN_ALERTS} AS open_alerts FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT id, kind FROM writeback_jobs "
-        "WHERE ticket_key = %(key)s AND id > %(id)s AND state IN ('queued', 'retrying') ORDER BY id LIMIT 1) AS n "
+        f"WHERE ticket_key = %(key)s AND id > %(id)s AND state IN ({_CLAIMABLE_SQL}) ORDER BY id LIMIT 1) AS n "
         "ON true", params).first()
+    nxt = (row.id, row.kind) if row.id is not None else None  # read by the same statement, matched or not
     if row.updated != 1:
-        return _not_owned(db, job, state.value)
+        _not_owned(db, job, state.value)  # LeaseLost, unless our own earlier try recorded it
+        return nxt
     job.scratch["open_alerts"] = row.open_alerts
-    return row if row.id is not None else None
+    return nxt
 
 
 # Whether an alert about this job, or an auth alert about its connection, is open: the
@@ -511,15 +521,16 @@ _OPEN_ALERTS = ("(EXISTS (SELECT 1 FROM alerts WHERE job_id = %(id)s AND resolve
 def _finish_portable(db: DB, job: ClaimedJob, state: JobState, outcome: AttemptOutcome, now: dt.datetime,
                      job_columns: dict[str, Any], session_columns: dict[str, Any],
                      error: BaseException | str | tuple[str, str] | None, http_status: int | None,
-                     step: str | None) -> Any:
+                     step: str | None) -> tuple[int, str] | None:
     """The same as _finish_pg, a statement at a time (SQLite, or a claim retried after its
     reply was lost, whose attempt start has to be read back)."""
-    nxt = _relaxed(db, "SELECT id, kind FROM writeback_jobs WHERE ticket_key = :key AND id > :id "
-                       "AND state IN ('queued', 'retrying') ORDER BY id LIMIT 1",
-                   {"key": job.ticket_key, "id": job.id}).first() if job.ticket_key else None
+    row = _relaxed(db, "SELECT id, kind FROM writeback_jobs WHERE ticket_key = :key AND id > :id "
+                       f"AND state IN ({_CLAIMABLE_SQL}) ORDER BY id LIMIT 1",
+                   {"key": job.ticket_key, "id": job.id}).first()
+    nxt = (row.id, row.kind) if row else None
     job_columns = {k: v for k, v in job_columns.items() if k != "updated_at"}
     if not _guarded(db, job, done_state=state.value, **job_columns):
-        return False
+        return nxt  # already recorded by our own earlier try (see _guarded)
     if session_columns:
         _update(db, AiSession, {"id": job.session_id}, session_columns)
     _close_attempt(db, job, outcome, now, error, http_status, step)
@@ -530,7 +541,9 @@ def _finish_portable(db: DB, job: ClaimedJob, state: JobState, outcome: AttemptO
 def schedule_retry(job: ClaimedJob, delay: float, error: BaseException, http_status: int | None,
                    step: str | None, *, spend_attempt: bool = True) -> dt.datetime:
     """Back to `retrying` at now + delay. spend_attempt=False (our own rate limiter said
-    "not now") gives the attempt back by raising max_attempts: the row stays in the history."""
+    "not now") gives the attempt back by raising max_attempts: the row stays in the history.
+    (A literal, not `max_attempts + 1` in SQL: the row is fenced by our token, so the value
+    we claimed is current, and a literal keeps the write on _update's prebuilt-SQL path.)"""
     now = utcnow()
     due = now + dt.timedelta(seconds=delay)
     note_job, note_session = _note_values(job)
@@ -538,7 +551,7 @@ def schedule_retry(job: ClaimedJob, delay: float, error: BaseException, http_sta
         _relaxed(db)  # see _RELAXED: a lost retry schedule leaves the job on our lease
         if not _guarded(db, job, done_state=JobState.RETRYING.value, state=JobState.RETRYING.value,
                         next_attempt_at=due, lease_until=None, published_at=due, **_error_columns(error),
-                        **note_job, **({} if spend_attempt else {"max_attempts": WritebackJob.max_attempts + 1})):
+                        **note_job, **({} if spend_attempt else {"max_attempts": job.max_attempts + 1})):
             return due
         if note_session:
             _update(db, AiSession, {"id": job.session_id}, {"updated_at": now, **note_session})

@@ -95,12 +95,8 @@ def run_job(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any, inten
         raise task.retry(args=(), kwargs={"job_id": job_id},
                          countdown=min(outcome.delay + (0.5 if refused == "running" else 0), max_countdown()),
                          max_retries=None)
-    if outcome.status in ("succeeded", "verification_failed", "failed"):
-        if outcome.next_known:  # looked up in the outcome's own transaction
-            if outcome.next_on_ticket is not None:
-                publish(*outcome.next_on_ticket)
-        else:
-            _wake_next_on_ticket(job_id)
+    if outcome.status in ("succeeded", "verification_failed", "failed") and outcome.next_on_ticket is not None:
+        publish(*outcome.next_on_ticket)  # looked up in the outcome's own transaction
     if outcome.status == "failed":
         raise JobFailed(f"job {job_id} failed: {outcome.message}")
     if outcome.status == "verification_failed":
@@ -120,18 +116,6 @@ def _job_id(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any, inten
     if intent:
         raise RequestError(f"pass either job_id or the intent, not both (got {', '.join(sorted(intent))})")
     return v.positive_int(job_id, "job_id")
-
-
-def _wake_next_on_ticket(job_id: int) -> None:
-    # A shortcut, not a promise: the job is already recorded, so a database hiccup here must
-    # not turn its task into a FAILURE; the sweeper wakes the next job anyway.
-    try:
-        nxt = store.next_on_ticket(job_id)
-    except Exception as err:
-        log.warning("could not look up the next job on the ticket of job %s (%s)", job_id, type(err).__name__)
-        return
-    if nxt is not None:
-        publish(*nxt)
 
 
 # `throws`: expected outcomes, logged without a traceback; the task still ends FAILURE.

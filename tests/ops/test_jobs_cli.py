@@ -164,6 +164,24 @@ def test_reverify_of_a_still_wrong_ticket_keeps_the_failure_unless_reapplied(wor
     assert [a.action for a in actions(job_id)] == ["reverify", "reapply"]
 
 
+def test_reverify_refuses_a_deactivated_connection_without_calling_the_psa(world, cli):
+    from models import PsaConnection
+
+    st = world.sim.state
+    job_id = insert_job(world, 9251, state="verification_failed")
+    with session_scope() as db:
+        db.execute(update(PsaConnection).where(PsaConnection.id == world.connection_id).values(is_active=False))
+    calls_before = dict(st.calls)
+    out = cli("jobs", "reverify", str(job_id), "--json")
+    assert out.returncode == 1, out.stderr
+    [result] = json.loads(out.stdout)
+    assert not result["ok"] and result["state"] == "verification_failed"
+    assert result["message"] == (f"cannot re-read ticket 9251: PSA connection {world.connection_id} "
+                                 "was deactivated after the job was enqueued")
+    assert dict(st.calls) == calls_before  # not even a GET
+    assert job(job_id).state == "verification_failed" and actions(job_id) == []
+
+
 def test_cancel_only_touches_queued_or_retrying_jobs(world, cli):
     queued = insert_job(world, 9401)
     retrying = insert_job(world, 9402, state="retrying", next_attempt_at=utcnow() + dt.timedelta(minutes=5))

@@ -169,6 +169,41 @@ def test_finish_and_retry_run_again_after_their_commit_landed_are_no_ops(world):
     assert outcomes(job_id) == ["retry", "succeeded"]
 
 
+def test_finish_names_the_tickets_next_job_also_when_run_again_after_its_commit_landed(world):
+    # the task publishes that job at once; a finish retried after a lost reply must name it too
+    sid = world.session(3010)
+    first, second, third = (make_job(sid, status_id=s) for s in (5, 9, 7))
+    job = claim(first)
+    finish(job)
+    assert job.scratch["next"] == (second, "transition_status")
+    del job.scratch["next"]
+    finish(job)  # already recorded by our own earlier try
+    assert job.scratch["next"] == (second, "transition_status")
+    # a claim re-run after its reply was lost has no attempt start: the statement-at-a-time path
+    again = claim(second, "token-2")
+    job = claim(second, "token-2")
+    assert again.started_at is not None and job.started_at is None
+    finish(job)
+    assert job.scratch["next"] == (third, "transition_status")
+    del job.scratch["next"]
+    finish(job)
+    assert job.scratch["next"] == (third, "transition_status")
+    job = claim(third)
+    finish(job)
+    assert job.scratch["next"] is None
+
+
+def test_a_deferral_gives_the_attempt_back_once_even_when_run_again(world):
+    job_id = make_job(world.session(3011))
+    job = claim(job_id)
+    for _ in range(2):  # the second is a db_retry after a lost reply: no second attempt given back
+        store.schedule_retry(job, 1.0, RuntimeError("throttled"), None, "transition", spend_attempt=False)
+    with session_scope() as db:
+        row = db.get(WritebackJob, job_id)
+        assert (row.state, row.attempts, row.max_attempts) == ("retrying", 1, job.max_attempts + 1)
+    assert outcomes(job_id) == ["retry"]
+
+
 def test_the_lease_is_never_shorter_than_a_psa_call_can_take(monkeypatch):
     monkeypatch.setenv("JOB_LEASE_SECONDS", "1")
     monkeypatch.setenv("PSA_CONNECT_TIMEOUT", "5")
