@@ -217,7 +217,10 @@ def cmd_repair(args: argparse.Namespace) -> int:
         if not any(getattr(args, f) is not None for f in ("kind", "account", "ticket", "older_than", "newer_than")):
             raise RequestError("give job ids, or filters (--account, --ticket, --older-than, ...) with --yes")
         with session_scope() as db:
-            ids = [j.id for j in db.scalars(_select(args, _REPAIR_STATES[args.action]))]
+            ids = [j.id for j in db.scalars(_select(args, _REPAIR_STATES[args.action]).limit(args.limit + 1))]
+        if len(ids) > args.limit:  # never act on part of what the filters name and call it done
+            raise RequestError(f"more than {args.limit} jobs match these filters: narrow them, or raise --limit",
+                               field="limit")
         if not args.yes:
             print(f"would {args.action} {len(ids)} job(s): {', '.join(map(str, ids)) or '-'}; "
                   "add --yes to go ahead", file=sys.stderr)

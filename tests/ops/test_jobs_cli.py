@@ -203,3 +203,18 @@ def test_cancel_only_touches_queued_or_retrying_jobs(world, cli):
 def _alerts(job_id: int) -> list[Alert]:
     with session_scope() as db:
         return list(db.scalars(select(Alert).where(Alert.job_id == job_id)))
+
+
+def test_a_filtered_repair_matching_more_than_the_limit_refuses_instead_of_doing_part(world, cli):
+    # given three queued jobs of one account (never published: no worker takes them)
+    ids = [insert_job(world, 9601 + i) for i in range(3)]
+    # when an operator cancels them by filter with a limit of 2
+    out = cli("jobs", "cancel", "--account", str(world.account_id), "--limit", "2", "--yes")
+    # then nothing is cancelled and the message says why
+    assert out.returncode == 2
+    assert "more than 2 jobs match these filters" in out.stderr
+    assert [job(i).state for i in ids] == ["queued"] * 3 and all(actions(i) == [] for i in ids)
+    # and with a limit that covers them all, all three are cancelled
+    out = cli("jobs", "cancel", "--account", str(world.account_id), "--limit", "3", "--yes")
+    assert out.returncode == 0, out.stderr
+    assert [job(i).state for i in ids] == ["cancelled"] * 3
