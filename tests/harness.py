@@ -110,9 +110,21 @@ class WorkerProcess:
             time.sleep(0.1)
         raise RuntimeError(f"worker not ready in {timeout}s; log:\n{self.log_text()[-3000:]}")
 
-    def log_text(self) -> str:
+    def mark(self) -> int:
+        """Where the log ends now: pass it to `log_text(since=...)` to read only what is
+        written after it (a module-scoped worker's log holds every earlier test's lines, and
+        job ids restart per test)."""
         try:
-            return self.log_path.read_text(errors="replace")
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_text(self, since: int = 0) -> str:
+        """The log from byte offset `since` (a `mark()`) to its end."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(since)
+                return f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
 
@@ -223,12 +235,19 @@ def kill_db_backends(database_url: str) -> int:
 
 class TaskEvents:
     """Celery task events as Flower sees them (task-received/succeeded/failed/retried...),
-    collected on a thread from the broker the worker publishes them to."""
+    collected on a thread from the broker the worker publishes them to.
 
-    def __init__(self, broker_url: str, transport_options: dict[str, Any] | None = None) -> None:
+    `broker_url` is the broker listened to: it is passed to every connection, since Celery
+    lets CELERY_BROKER_URL (set for the whole suite) override an app's own broker setting.
+    `type_prefix` keeps only events whose type starts with it ("" keeps worker events too)."""
+
+    def __init__(self, broker_url: str, transport_options: dict[str, Any] | None = None, *,
+                 type_prefix: str = "task-") -> None:
         from celery import Celery
 
-        self.app = Celery(broker=broker_url)
+        self.broker_url = broker_url
+        self.type_prefix = type_prefix
+        self.app = Celery("task-events")
         self.app.conf.broker_transport_options = dict(transport_options or {})
         self.events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -238,13 +257,15 @@ class TaskEvents:
 
     def start(self) -> "TaskEvents":
         self._thread.start()
-        self._ready.wait(10)
+        if not self._ready.wait(10):
+            self.stop()
+            raise RuntimeError(f"no event receiver on {self.broker_url} within 10s")
         return self
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                with self.app.connection() as conn:
+                with self.app.connection_for_read(self.broker_url) as conn:
                     self._recv = recv = self.app.events.Receiver(conn, handlers={"*": self._on_event})
                     recv.on_iteration = self._ready.set  # called once subscribed, before each drain
                     recv.should_stop = self._stop.is_set()
@@ -253,9 +274,13 @@ class TaskEvents:
                 time.sleep(0.2)
 
     def _on_event(self, event: dict[str, Any]) -> None:
-        if event.get("type", "").startswith("task-"):
+        if event.get("type", "").startswith(self.type_prefix):
             with self._lock:
                 self.events.append(event)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.events)
 
     def of(self, task_id: str, kind: str | None = None) -> list[dict[str, Any]]:
         with self._lock:

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from tasks import enqueue_escalate, enqueue_resolve
@@ -68,15 +69,21 @@ def test_backends_killed_repeatedly_mid_run_jobs_resume_and_finish(world, chaos)
     assert chaos.finished_count() == {i: 1 for i in jobs}
 
 
+def _db_proxy() -> harness.TcpProxy:
+    """A proxy to the server the test database really is on (TEST_DATABASE_ADMIN_URL's)."""
+    url = make_url(conftest.DATABASE_URL)
+    return harness.TcpProxy(url.port or 5432, url.host or "127.0.0.1")
+
+
 def _proxied_env(proxy: harness.TcpProxy) -> dict[str, str]:
-    url = conftest.DATABASE_URL
-    name = url.rsplit("/", 1)[1]
-    return {"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{proxy.port}/{name}"}
+    """The test database's URL (driver, user, password, name, query) reached through the proxy."""
+    url = make_url(conftest.DATABASE_URL).set(host="127.0.0.1", port=proxy.port)
+    return {"DATABASE_URL": url.render_as_string(hide_password=False)}
 
 
 def test_database_unreachable_at_claim_time_the_message_waits_and_the_job_runs_later(world, chaos):
     # given a worker whose only way to PostgreSQL is a proxy, and the proxy is cut
-    proxy = harness.TcpProxy(5432).up()
+    proxy = _db_proxy().up()
     try:
         w = chaos.worker(env=_proxied_env(proxy)).start()
         proxy.down()
@@ -103,7 +110,7 @@ def test_database_unreachable_at_claim_time_the_message_waits_and_the_job_runs_l
 
 def test_database_lost_between_post_and_its_record_the_note_is_adopted_not_reposted(world, chaos):
     # given a POST in flight, and the worker's database connection cut while it is
-    proxy = harness.TcpProxy(5432).up()
+    proxy = _db_proxy().up()
     try:
         sid = world.session(9102)
         world.sim.state.add_fault(action="delay", operation="post_note", seconds=1)

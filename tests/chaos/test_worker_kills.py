@@ -15,7 +15,7 @@ NOTE = "Replaced the failing PSU.\n\nServer is back online."
 
 
 def _post_in_flight(world, ticket: int, seconds: float = 3.0) -> None:
-    world.sim.state.add_fault(action="delay", operation="post_note", seconds=seconds)
+    world.sim.state.add_fault(action="delay", operation="post_note", seconds=seconds, ticket_id=ticket)
 
 
 def _assert_exactly_one_adopted_note(world, ticket: int, job_id: int) -> None:

@@ -72,6 +72,7 @@ def test_reply_missing_a_section_is_asked_again_once_naming_it_then_accepted(api
 
 
 def test_reply_still_missing_a_section_after_the_reask_fails_with_that_reason(api, drafting_worker):
+    log_start = drafting_worker.mark()  # the worker is the module's; ids restart per test
     sid = make_session()
     api.reply_text(MISSING_HYPOTHESIS)
     api.reply_text(MISSING_HYPOTHESIS)
@@ -80,12 +81,13 @@ def test_reply_still_missing_a_section_after_the_reask_fails_with_that_reason(ap
     assert "even after one re-ask" in row.error and "missing section(s): 'Current hypothesis'" in row.error
     assert row.markdown is None and row.api_calls == 2
     assert len(api.messages_requests()) == 2  # asked again once, not in a loop
-    wait_for(lambda: f"draft {row.id} (session {sid}, escalation) failed" in drafting_worker.log_text(),
+    wait_for(lambda: f"draft {row.id} (session {sid}, escalation) failed" in drafting_worker.log_text(log_start),
              timeout=5, message="the task to end in FAILURE with the reason")
-    assert "DraftFailed" in drafting_worker.log_text()
+    assert "DraftFailed" in drafting_worker.log_text(log_start)
 
 
 def test_same_state_is_a_cache_hit_and_a_changed_state_is_a_miss(api, drafting_worker):
+    log_start = drafting_worker.mark()
     sid = make_session()
     api.reply_text(GOOD_ESCALATION)
     first = enqueue_draft_preview(sid, "escalation")
@@ -95,8 +97,8 @@ def test_same_state_is_a_cache_hit_and_a_changed_state_is_a_miss(api, drafting_w
     assert (again.cached, again.status, again.preview_id) == (True, "succeeded", first.preview_id)
     # and the task, called by name (positional JSON args this time), finds the cache too: no API call
     app.send_task(TASK_NAME, args=[sid, "escalation"], queue="drafting")
-    wait_for(lambda: f"draft {first.preview_id} session={sid} kind=escalation: cache hit" in drafting_worker.log_text(),
-             timeout=10, message="the task's cache hit")
+    wait_for(lambda: f"draft {first.preview_id} session={sid} kind=escalation: cache hit"
+             in drafting_worker.log_text(log_start), timeout=10, message="the task's cache hit")
     assert len(api.messages_requests()) == 1
     # a new transcript turn changes the state: a miss, a new row, a second API call
     add_message(sid, "engineer", "Customer called back: prompts returned on the laptop too.")
@@ -141,6 +143,7 @@ def test_429_is_retried_after_its_retry_after_and_then_succeeds(api):
 
 
 def test_529_overloaded_until_attempts_run_out_fails_without_multiplying_retries(api, drafting_worker):
+    log_start = drafting_worker.mark()
     sid = make_session()
     for _ in range(5):
         api.reply_error(529, "Overloaded")
@@ -150,7 +153,8 @@ def test_529_overloaded_until_attempts_run_out_fails_without_multiplying_retries
     requests = api.messages_requests()
     assert len(requests) == 3 == row.api_calls  # DRAFT_MAX_ATTEMPTS, not 3 x the SDK's own retries
     assert {r.headers["x-stainless-retry-count"] for r in requests} == {"0"}
-    wait_for(lambda: "gave up after 3 attempts" in drafting_worker.log_text(), timeout=5, message="the failure log")
+    wait_for(lambda: "gave up after 3 attempts" in drafting_worker.log_text(log_start), timeout=5,
+             message="the failure log")
 
 
 @pytest.mark.parametrize("status, message", [(400, "max_tokens: Field required"), (401, "invalid x-api-key")])
@@ -164,13 +168,14 @@ def test_400_and_401_are_permanent_one_call_then_failed(api, status, message):
 
 
 def test_missing_api_key_fails_the_draft_at_once_with_a_clear_error(api, keyless_worker):
+    log_start = keyless_worker.mark()
     sid = make_session()
     app.send_task(TASK_NAME, kwargs={"session_id": sid, "kind": "escalation"}, queue="drafting-nokey")
     row = wait_for(lambda: (rows := previews(sid)) and rows[0].status == "failed" and rows[0],
                    timeout=15, message="the keyless draft to fail")
     assert row.error.startswith("ANTHROPIC_API_KEY is not set")
     assert api.messages_requests() == []  # no call, so no retry loop either
-    log = wait_for(lambda: (text := keyless_worker.log_text()).count("DraftFailed") and text, timeout=5,
+    log = wait_for(lambda: (text := keyless_worker.log_text(log_start)).count("DraftFailed") and text, timeout=5,
                    message="the task to end in FAILURE")
     assert "ANTHROPIC_API_KEY is not set" in log and "Retry in" not in log
     assert FAKE_KEY not in log
@@ -199,9 +204,10 @@ def test_instructions_in_the_transcript_cannot_change_the_output_format(api):
 
 
 def test_bad_task_arguments_fail_at_once_and_draft_nothing(api, drafting_worker):
+    log_start = drafting_worker.mark()
     sid = make_session()
     app.send_task(TASK_NAME, kwargs={"session_id": sid, "kind": "summary"}, queue="drafting")
-    wait_for(lambda: "kind must be one of resolution, escalation, got 'summary'" in drafting_worker.log_text(),
-             timeout=10, message="the task to reject its arguments")
-    assert "InvalidDraftArguments" in drafting_worker.log_text()
+    wait_for(lambda: "kind must be one of resolution, escalation, got 'summary'"
+             in drafting_worker.log_text(log_start), timeout=10, message="the task to reject its arguments")
+    assert "InvalidDraftArguments" in drafting_worker.log_text(log_start)
     assert previews(sid) == [] and api.messages_requests() == []

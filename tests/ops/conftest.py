@@ -107,36 +107,25 @@ class OpsClient:
             self.app.send_task(name, kwargs=kwargs or {}, connection=conn, **options)
 
 
-class EventCapture:
-    """Every Celery task event on this package's broker: what Flower builds its views from."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.events = url, []
-        self.app = Celery("ops-events")
-        self.app.conf.broker_transport_options = {"global_keyprefix": os.environ.get("CELERY_REDIS_KEY_PREFIX", "")}
-        self._ready, self._recv = threading.Event(), None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> "EventCapture":
-        self._thread.start()
-        assert self._ready.wait(10), "event receiver did not start"
-        return self
-
-    def _run(self) -> None:
-        with self.app.connection_for_read(self.url) as conn:
-            self._recv = self.app.events.Receiver(conn, handlers={"*": self.events.append})
-            self._recv.on_iteration = self._ready.set
-            self._recv.capture(limit=None, timeout=None, wakeup=False)
-
-    def stop(self) -> None:
-        if self._recv is not None:
-            self._recv.should_stop = True
-        self._thread.join(5)
-
-
 @pytest.fixture(scope="session")
 def ops_client(ops_broker) -> OpsClient:
     return OpsClient(ops_broker)
+
+
+@pytest.fixture()
+def ops_events(ops_client):
+    """`ops_events()` starts listening to every Celery task event on this package's broker
+    (what Flower builds its views from); each capture started is stopped at teardown."""
+    started: list[harness.TaskEvents] = []
+
+    def start(**options: Any) -> harness.TaskEvents:
+        events = harness.TaskEvents(ops_client.url, dict(ops_client.app.conf.broker_transport_options), **options)
+        started.append(events.start())
+        return events
+
+    yield start
+    for events in started:
+        events.stop()
 
 
 def ops_env(broker: str, **extra: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from models.db import session_scope
 from tasks import admin
 from tests.factories import session_row, wait_terminal
 from tests.harness import free_port, wait_for
-from tests.ops.conftest import ROOT, EventCapture, procfile_command, procfile_env, start_worker, submit
+from tests.ops.conftest import ROOT, procfile_command, procfile_env, start_worker, submit
 
 AUTH = ("ops", "fake-test-password")
 
@@ -130,9 +130,9 @@ def test_flower_shows_worker_and_tasks_to_authenticated_users_only(world, json_w
     assert "'state': 'succeeded'" in second["result"]
 
 
-def test_no_credential_or_note_body_in_any_log_line_or_in_flower(world, json_worker, flower, ops_client):
+def test_no_credential_or_note_body_in_any_log_line_or_in_flower(world, json_worker, flower, ops_client, ops_events):
     st = world.sim.state
-    log_start = len(json_worker.log_text())  # job ids restart per test: read this test's lines below
+    log_start = json_worker.mark()  # job ids restart per test: read this test's lines below
     bodies = [f"ZEBRA-{n} fuser replaced; customer password is hunter{n}" for n in range(4)]
     with session_scope() as db:
         revoked = admin.add_connection(db, account_id=world.account_id, provider="connectwise",
@@ -143,7 +143,7 @@ def test_no_credential_or_note_body_in_any_log_line_or_in_flower(world, json_wor
                                         psa_ticket_id=8104).id
     st.add_fault(action="error", status=503, operation="post_note", times=1, ticket_id=8101)
     st.add_fault(action="error", status=503, operation="post_note", times=1, ticket_id=8103)  # a retry by name
-    events = EventCapture(ops_client.url).start()
+    events = ops_events(type_prefix="")  # every event, worker ones too: all of it is checked for leaks
     # given jobs that verify, retry, post internally, are sent by name with the markdown, and hit dead keys
     resolve_id = submit(ops_client, "resolve", world.session(8101), bodies[0])
     escalate_id = submit(ops_client, "escalate", world.session(8102), bodies[1])
@@ -159,8 +159,7 @@ def test_no_credential_or_note_body_in_any_log_line_or_in_flower(world, json_wor
     # delivery, with the intent, showed the markdown redacted
     by_name = flower_task(flower, lambda t: t.get("kwargs") == f"{{'job_id': {by_name_job}}}" and
                           t["state"] == "SUCCESS", "by-name task in flower")
-    received = wait_for(lambda: [e for e in events.events if e["type"] == "task-received"
-                                 and e.get("uuid") == by_name["uuid"]], message="the by-name task's deliveries")
+    received = wait_for(lambda: events.of(by_name["uuid"], "task-received"), message="the by-name task's deliveries")
     assert received[0]["kwargs"] == f"{{'session_id': {by_name_sid}, 'markdown': '<str redacted>'}}"
     flower_task(flower, lambda t: t.get("kwargs") == f"{{'job_id': {dead_id}}}" and t["state"] == "FAILURE",
                 "failed task in flower")
@@ -169,12 +168,13 @@ def test_no_credential_or_note_body_in_any_log_line_or_in_flower(world, json_wor
     # everything Flower serves about these tasks, and every line the worker wrote
     tasks = flower.get("/api/tasks?limit=1000").json()
     events.stop()
-    assert any(e["type"] == "task-retried" for e in events.events)
-    seen = [json.dumps(events.events, default=str), json.dumps(tasks)] + [flower.get(f"/api/task/info/{u}").text for u in tasks] + \
+    captured = events.snapshot()
+    assert any(e["type"] == "task-retried" for e in captured)
+    seen = [json.dumps(captured, default=str), json.dumps(tasks)] + [flower.get(f"/api/task/info/{u}").text for u in tasks] + \
         [flower.get(f"/task/{u}").text for u in tasks] + [flower.get("/tasks/datatable?draw=1&start=0&length=100"
                                                                      "&search[value]=&order[0][column]=0"
                                                                      "&columns[0][data]=name&order[0][dir]=asc").text]
-    log = json_worker.log_text()
+    log = json_worker.log_text()  # the whole log, earlier tests' lines too: nothing may leak anywhere
     secrets = [st.private_key, "revoked-private-ZZ9", st.public_key]
     for private in (st.private_key, "revoked-private-ZZ9"):
         secrets.append(base64.b64encode(f"{st.company_id}+{st.public_key}:{private}".encode()).decode())
@@ -185,7 +185,7 @@ def test_no_credential_or_note_body_in_any_log_line_or_in_flower(world, json_wor
         assert db.get(PsaConnection, revoked.id).private_key_encrypted != b"revoked-private-ZZ9"
 
     # and each step is one structured JSON line carrying job, task, account, provider and ticket
-    lines = [json.loads(ln) for ln in log[log_start:].splitlines() if ln.startswith("{")]
+    lines = [json.loads(ln) for ln in json_worker.log_text(since=log_start).splitlines() if ln.startswith("{")]
     mine = [ln for ln in lines if ln.get("job_id") == resolve_id]
     steps = {ln.get("step") for ln in mine}
     assert {"claim", "post", "patch", "verify", "outcome"} <= steps, steps
