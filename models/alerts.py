@@ -12,8 +12,8 @@ import datetime as dt
 import enum
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, String, Text, text
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import ForeignKey, Index, String, Text, text, update
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models.base import BigIntPK, Base, intpk, utcnow
 
@@ -76,6 +76,13 @@ class Alert(Base):
     delivery_status_code: Mapped[int | None]
     delivery_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[dt.datetime | None]
+
+
+def close_alerts(db: Session, *conditions: Any, resolution: str) -> int:
+    """Resolve the open alerts matching every condition, in the caller's transaction (one
+    UPDATE); returns how many were closed."""
+    return db.execute(update(Alert).where(Alert.resolved_at.is_(None), *conditions)
+                      .values(resolved_at=utcnow(), resolution=resolution[:500])).rowcount
 
 
 class JobAction(Base):

@@ -13,10 +13,12 @@ _subscribers: dict[str, list[Callable[..., None]]] = defaultdict(list)
 # Event names and their keyword arguments:
 #   job_claimed(job_id, account_id, provider, ticket_id, attempt)
 #   job_finished(job_id, kind, state, result, error_message, provider, account_id, ticket_id, connection_id, attempts,
-#                open_alerts)  open_alerts: False when no alert about the job or its connection's
-#                credentials was open as the outcome was written; None when not known
+#                open_alerts)  error_message: why it did not succeed, None on success (the runner
+#                does not log it: the outcome line does); open_alerts: False when no alert about
+#                the job or its connection's credentials was open as the outcome was written;
+#                None when not known
 #   job_retry_scheduled(job_id, kind, provider, attempt, delay, error_type)
-#   psa_auth_failed(connection_id, account_id, provider, job_id, message)
+#   psa_auth_failed(connection_id, account_id, provider, job_id, ticket_id, message)
 
 
 def subscribe(event: str, fn: Callable[..., None]) -> None:

@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import AiSession, Alert, AlertKind, JobAction, JobState, NoteState, PsaConnection, WritebackJob, utcnow
+from models.alerts import close_alerts
 from models.db import session_scope
 from models.enums import CLAIMABLE_STATES
 from providers import provider_for
@@ -70,12 +71,6 @@ def _action(db: Session, job: WritebackJob, action: str, actor: str, from_state:
             **details: Any) -> None:
     db.add(JobAction(job_id=job.id, action=action, actor=actor[:200], at=utcnow(), from_state=from_state,
                      to_state=to_state, message=message, details=details or None))
-
-
-def _resolve_alerts(db: Session, job_id: int, kinds: list[AlertKind], resolution: str) -> None:
-    db.execute(update(Alert).where(Alert.job_id == job_id, Alert.resolved_at.is_(None),
-                                   Alert.kind.in_([k.value for k in kinds]))
-               .values(resolved_at=utcnow(), resolution=resolution))
 
 
 def _requeue(db: Session, job: WritebackJob, from_state: str, budget: int) -> str | None:
@@ -190,7 +185,8 @@ def reverify(job_id: int, *, actor: str | None = None, reapply: bool = False, bu
             db.execute(update(AiSession).where(AiSession.id == t.session_id).values(**values))
             message = f"ticket {t.ticket_id} now shows {observed}: verified without posting or patching again"
             _action(db, job, "reverify", actor, JobState.VERIFICATION_FAILED.value, JobState.SUCCEEDED.value, message)
-            _resolve_alerts(db, job_id, [AlertKind.VERIFICATION_FAILED], f"re-verified by {actor}")
+            close_alerts(db, Alert.job_id == job_id, Alert.kind == AlertKind.VERIFICATION_FAILED.value,
+                         resolution=f"re-verified by {actor}")
             return RepairResult(job_id, "reverify", True, JobState.SUCCEEDED.value, message)
         db.execute(update(J).where(J.id == job_id, J.state == JobState.VERIFICATION_FAILED.value).values(
             observed_status_id=ticket.status_id, observed_status_name=ticket.status_name, updated_at=now))
@@ -230,7 +226,8 @@ def cancel(job_id: int, *, actor: str | None = None, reason: str = "", publish: 
         if job.note_state == NoteState.INTENT.value:
             message += "; note: an earlier attempt may have posted the note before failing, check the ticket"
         _action(db, job, "cancel", actor, before, JobState.CANCELLED.value, message)
-        _resolve_alerts(db, job_id, [AlertKind.JOB_STUCK], f"cancelled by {actor}")
+        close_alerts(db, Alert.job_id == job_id, Alert.kind == AlertKind.JOB_STUCK.value,
+                     resolution=f"cancelled by {actor}")
     nxt = store.next_on_ticket(job_id)  # a job queued behind this one on the ticket may go now
     if nxt is not None:
         _publish(publish)(*nxt)

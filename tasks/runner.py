@@ -187,7 +187,6 @@ def _finish_transition(job: ClaimedJob, note: steps.NoteResult | None, t: steps.
                "accepted the change")
     store.finish(job, JobState.VERIFICATION_FAILED, AttemptOutcome.VERIFICATION_FAILED, result=result,
                  error=message, step="verify", **columns)
-    log.error("verification failed for job %s: %s", job.id, message, extra={"job_id": job.id, "step": "verify"})
     return _done(job, JobState.VERIFICATION_FAILED, result, message)
 
 
@@ -198,7 +197,7 @@ def _psa_error(job: ClaimedJob, err: PsaError, step: str, policy: RetryPolicy) -
         ratelimit.start_cooldown(job.scratch["limit_key"], err.retry_after)  # every worker backs off
     if isinstance(err, PsaAuthError):
         events.emit("psa_auth_failed", connection_id=job.connection_id, account_id=job.account_id,
-                    provider=job.provider, job_id=job.id, message=str(err))
+                    provider=job.provider, job_id=job.id, ticket_id=job.ticket_id, message=str(err))
     if not err.retryable:
         return _fail(job, str(err), err, step)
     if job.attempt_no >= job.max_attempts:
@@ -228,7 +227,6 @@ def _fail(job: ClaimedJob, message: str, err: BaseException, step: str) -> Outco
     result = {"outcome": "failed", "error": {"type": type(err).__name__, "message": message[:2000]}}
     store.finish(job, JobState.FAILED, AttemptOutcome.FAILED, result=result, error=(type(err).__name__, message),
                  step=step, http_status=getattr(err, "status_code", None))
-    log.error("job %s failed: %s", job.id, message, extra={"job_id": job.id, "step": step})
     return _done(job, JobState.FAILED, result, message)
 
 

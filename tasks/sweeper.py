@@ -41,19 +41,30 @@ def backlog_republish_after() -> dt.timedelta:
     return dt.timedelta(seconds=float(os.environ.get("SWEEP_BACKLOG_REPUBLISH_AFTER_SECONDS", str(default))))
 
 
+def broker_queue_lengths(*queues: str) -> dict[str, int]:
+    """Messages waiting in each queue, over one broker connection; raises when the broker
+    cannot be reached. The transport counts: with Redis, kombu sums the queue's list for
+    every priority step (tasks.enqueue's fair priorities land in those lists), so no list
+    name is spelled out here, and a queue nobody has used yet counts 0. Also read by
+    worker.metrics.
+
+    Not a passive declare: kombu's Redis transport answers "does it exist" with an EXISTS
+    that ignores global_keyprefix (CELERY_REDIS_KEY_PREFIX), so with a prefix every queue
+    looked missing and counted 0. A plain declare on a virtual transport (Redis, the
+    filesystem broker) writes nothing to the broker; it only counts."""
+    from worker.app import app
+
+    with app.connection_for_read() as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=5)
+        channel = conn.default_channel
+        return {queue: int(channel.queue_declare(queue=queue).message_count) for queue in queues}
+
+
 def queue_depth() -> int | None:
     """Messages waiting in the writeback queue, or None when the broker cannot say (it is
     down, or the transport does not count): then every due job counts as possibly lost."""
-    from kombu.exceptions import ChannelError
-
-    from worker.app import app
-
     try:
-        with app.connection_for_read() as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=5)
-            return int(conn.default_channel.queue_declare(queue=QUEUE, passive=True).message_count)
-    except ChannelError:  # no such queue yet (a fresh broker): nothing is waiting in it
-        return 0
+        return broker_queue_lengths(QUEUE)[QUEUE]
     except Exception as err:
         log.info("cannot read the depth of queue %s (%s); treating every due job as possibly lost", QUEUE,
                  type(err).__name__)

@@ -26,6 +26,7 @@ from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from models import AccountSettings, Alert, AlertKind, DeliveryState, JobState, WritebackJob, utcnow
+from models.alerts import close_alerts
 from models.db import session_scope
 from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
 from tasks.retry import jittered_delay
@@ -80,18 +81,17 @@ def _insert_for_job(kind: AlertKind, job_id: int, message: str | None,
 
 
 def raise_auth_failed(connection_id: int | None, account_id: int | None, provider: str | None,
-                      job_id: int | None, message: str) -> int | None:
+                      job_id: int | None, ticket_id: int | None, message: str) -> int | None:
     """One open alert per connection: every job on dead credentials lands here, one pages."""
     if connection_id is None:
         return None
-    return _announce(*_insert_auth(connection_id, account_id, provider, job_id, message))
+    return _announce(*_insert_auth(connection_id, account_id, provider, job_id, ticket_id, message))
 
 
 @db_retry
 def _insert_auth(connection_id: int, account_id: int | None, provider: str | None, job_id: int | None,
-                 message: str) -> tuple[int | None, dict[str, Any]]:
+                 ticket_id: int | None, message: str) -> tuple[int | None, dict[str, Any]]:
     with session_scope() as db:
-        ticket_id = db.scalar(select(WritebackJob.ticket_id).where(WritebackJob.id == job_id)) if job_id else None
         values = dict(kind=AlertKind.AUTH_FAILED.value, job_id=job_id, account_id=account_id, provider=provider,
                       connection_id=connection_id, ticket_id=ticket_id, message=message[:2000],
                       details={"hint": "update the connection's keys; jobs on it fail until then"})
@@ -141,21 +141,10 @@ def publish_delivery(alert_id: int) -> bool:
 
 
 @db_retry
-def resolve(*, job_id: int | None = None, connection_id: int | None = None, kinds: list[AlertKind] | None = None,
-            alert_id: int | None = None, resolution: str) -> int:
-    """Close open alerts (a later success, an operator). Returns how many were closed."""
-    conditions = [Alert.resolved_at.is_(None)]
-    if alert_id is not None:
-        conditions.append(Alert.id == alert_id)
-    if job_id is not None:
-        conditions.append(Alert.job_id == job_id)
-    if connection_id is not None:
-        conditions.append(Alert.connection_id == connection_id)
-    if kinds:
-        conditions.append(Alert.kind.in_([k.value for k in kinds]))
+def resolve(alert_id: int, *, resolution: str) -> int:
+    """An operator closes one open alert. Returns how many were closed (0 or 1)."""
     with session_scope() as db:
-        res = db.execute(update(Alert).where(*conditions).values(resolved_at=utcnow(), resolution=resolution[:500]))
-        return res.rowcount
+        return close_alerts(db, Alert.id == alert_id, resolution=resolution)
 
 
 @db_retry
@@ -170,9 +159,7 @@ def resolve_on_finish(job_id: int, state: str, connection_id: int | None) -> int
         mine = or_(mine, and_(Alert.kind == AlertKind.AUTH_FAILED.value, Alert.connection_id == connection_id))
         resolution += f"; the credentials of connection {connection_id} work again"
     with session_scope() as db:
-        res = db.execute(update(Alert).where(Alert.resolved_at.is_(None), mine).values(
-            resolved_at=utcnow(), resolution=resolution))
-        return res.rowcount
+        return close_alerts(db, mine, resolution=resolution)
 
 
 # --- webhook delivery -----------------------------------------------------------------------
@@ -306,10 +293,9 @@ def resolve_finished_stuck() -> int:
     it was killed right after its final commit, or the alert was raised as the job finished."""
     J = WritebackJob
     with session_scope() as db:
-        return db.execute(update(Alert).where(
-            Alert.kind == AlertKind.JOB_STUCK.value, Alert.resolved_at.is_(None),
-            exists().where(J.id == Alert.job_id, J.finished_at.is_not(None))).values(
-            resolved_at=utcnow(), resolution="the job has finished since (found by the periodic check)")).rowcount
+        return close_alerts(db, Alert.kind == AlertKind.JOB_STUCK.value,
+                            exists().where(J.id == Alert.job_id, J.finished_at.is_not(None)),
+                            resolution="the job has finished since (found by the periodic check)")
 
 
 @db_retry

@@ -10,8 +10,9 @@ Two sources, two processes (both in the Procfile):
   endpoint merges them (prometheus_client multiprocess mode).
 - **`python -m worker.metrics`** (`psa-writeback metrics`) serves facts about the whole
   deployment, computed from the database at scrape time: jobs waiting by state, the age of
-  the oldest due job, stuck jobs, open alerts, undelivered webhooks, and the Redis queue
-  length. Run one; N workers each exporting the same queue depth would be summed wrongly.
+  the oldest due job, stuck jobs, open alerts, undelivered webhooks, and the broker's queue
+  lengths (tasks.sweeper's count). Run one; N workers each exporting the same queue depth
+  would be summed wrongly.
 
 Counters are per worker process: aggregate with sum() across workers in PromQL.
 """
@@ -147,25 +148,17 @@ class QueueCollector(Collector):
                                 value=snap.webhooks_pending)
 
     def _broker(self) -> Iterator[GaugeMetricFamily]:
-        url = os.environ.get("CELERY_BROKER_URL", "")
-        if not url.startswith(("redis://", "rediss://")):
-            return
-        try:
-            import redis
+        from tasks.sweeper import broker_queue_lengths  # the sweeper's count: every priority list
 
-            client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-            length = GaugeMetricFamily(f"{NS}_broker_queue_length", "Messages waiting in the Redis queue",
-                                       labels=["queue"])
-            prefix = os.environ.get("CELERY_REDIS_KEY_PREFIX", "")  # celeryconfig's global_keyprefix
-            for queue in ("writeback", "drafting"):
-                # kombu keeps one list per priority step (fair scheduling publishes to 0, 3, 6,
-                # 9): `writeback` is step 0, the others are `writeback\x06\x16<step>`.
-                names = [queue] + [f"{queue}\x06\x16{step}" for step in (3, 6, 9)]
-                length.add_metric([queue], sum(client.llen(prefix + name) for name in names))
-            client.close()
+        try:
+            lengths = broker_queue_lengths("writeback", "drafting")
         except Exception as err:
             log.warning("metrics scrape could not read the broker: %s", type(err).__name__)
             return
+        length = GaugeMetricFamily(f"{NS}_broker_queue_length", "Messages waiting in the broker queue",
+                                   labels=["queue"])
+        for queue, count in lengths.items():
+            length.add_metric([queue], count)
         yield length
 
 

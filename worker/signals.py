@@ -35,7 +35,7 @@ def _count_finished(*, provider: str | None, kind: str, state: str, **_: Any) ->
 
 
 def _log_finished(*, job_id: int, kind: str, state: str, result: dict[str, Any] | None, attempts: int,
-                  **_: Any) -> None:
+                  error_message: str | None = None, **_: Any) -> None:
     result = result or {}
     status = result.get("status") or {}
     if state == "succeeded" and status.get("verified_at"):
@@ -43,9 +43,12 @@ def _log_finished(*, job_id: int, kind: str, state: str, result: dict[str, Any] 
                  status.get("expected_name"), status.get("observed_id"), status.get("observed_name"),
                  extra={"job_id": job_id, "step": "verify", "expected_status_id": status.get("expected_id"),
                         "observed_status_id": status.get("observed_id")})
-    # WARNING, not ERROR: the page-worthy line is the alert's ("ALERT ...", step=alert).
+    # The job's one outcome line (the runner does not log failures itself), with the reason
+    # when it did not succeed. WARNING, not ERROR: the page-worthy line is the alert's
+    # ("ALERT ...", step=alert).
     level = logging.INFO if state == "succeeded" else logging.WARNING
-    log.log(level, "job %s %s (%s) after %s attempt(s)", job_id, state, result.get("outcome"), attempts,
+    log.log(level, "job %s %s (%s) after %s attempt(s)%s", job_id, state, result.get("outcome"), attempts,
+            f": {error_message}" if error_message else "",
             extra={"job_id": job_id, "step": "outcome", "state": state, "outcome": result.get("outcome"),
                    "kind": kind, "attempt": attempts})
 
@@ -66,9 +69,9 @@ def _count_retry(*, provider: str | None, kind: str, error_type: str | None, **_
 
 
 def _auth_failed(*, connection_id: int | None, account_id: int | None, provider: str | None, job_id: int | None,
-                 message: str, **_: Any) -> None:
+                 ticket_id: int | None, message: str, **_: Any) -> None:
     metrics.AUTH_FAILURES.labels(metrics.label(provider)).inc()
-    alerts.raise_auth_failed(connection_id, account_id, provider, job_id, message)
+    alerts.raise_auth_failed(connection_id, account_id, provider, job_id, ticket_id, message)
 
 
 def _psa_call(*, provider: str, operation: str, status: int | None, seconds: float, error: str | None,

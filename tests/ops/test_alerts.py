@@ -106,6 +106,9 @@ def test_job_failing_after_its_retries_alerts_once_however_often_it_is_retried(w
     assert (j.state, j.attempts) == ("failed", 2)
     [alert] = wait_for(lambda: alerts(job_id=job_id), message="alert row")
     assert alert.kind == "job_failed" and "gave up after 2 attempts" in alert.message
+    # and the job's outcome line carries the reason (the runner does not log it a second time)
+    wait_for(lambda: any(f"job {job_id} failed (failed) after 2 attempt(s): gave up after 2 attempts" in ln
+                         and "WARNING" in ln for ln in alert_worker.log_text().splitlines()), message="outcome line")
     assert alert.expected_status_id == RESOLVED and alert.observed_status_id is None
     delivered(alert.id)
     assert "Writeback failed" in receiver.bodies()[0]["text"]
@@ -139,6 +142,7 @@ def test_dead_credentials_page_once_per_connection_and_close_when_they_work_agai
     # then one auth alert for the connection, and no per-job failure alert
     [alert] = wait_for(lambda: alerts(kind="auth_failed"), message="auth alert")
     assert alert.connection_id == bad_id and alert.job_id in ids
+    assert alert.ticket_id == dict(zip(ids, (6201, 6202)))[alert.job_id]  # the ticket of the job that hit it
     assert alerts(kind="job_failed") == []
     delivered(alert.id)
     [body] = receiver.bodies()
@@ -252,3 +256,19 @@ def test_a_stuck_job_that_runs_at_last_closes_its_alert_and_the_check_closes_any
     [now_closed] = alerts(job_id=left_open)
     assert now_closed.resolved_at is not None and "finished since" in now_closed.resolution
     assert run_checks()["closed"] == 0
+
+
+def test_an_operator_resolves_exactly_the_one_alert_named(world):
+    from worker.alerts import resolve
+
+    with session_scope() as db:
+        named, other = (Alert(kind=AlertKind.JOB_STUCK.value, account_id=world.account_id, message="m",
+                              delivery_state="disabled") for _ in range(2))
+        db.add_all([named, other])
+        db.flush()
+        named_id, other_id = named.id, other.id
+    assert resolve(named_id, resolution="looked into it") == 1
+    assert resolve(named_id, resolution="again") == 0  # already resolved: nothing to close
+    [closed] = alerts(id=named_id)
+    assert closed.resolved_at is not None and closed.resolution == "looked into it"
+    assert alerts(id=other_id)[0].resolved_at is None

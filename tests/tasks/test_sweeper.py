@@ -134,6 +134,51 @@ def test_queue_depth_counts_the_messages_waiting_in_the_broker():
         server.stop()
 
 
+def test_broker_queue_lengths_count_every_priority_list_of_each_queue():
+    # given messages at each fair-scheduling priority (kombu keeps a Redis list per step)
+    from tests import harness
+    from tasks.enqueue import FAIR_STEPS, FLOOD_PRIORITY, publish
+
+    priorities = [pri for _, pri in FAIR_STEPS] + [FLOOD_PRIORITY]
+    server = harness.RedisServer().start()
+    try:
+        with harness.publishing_to(server.url):
+            for job_id, priority in enumerate(priorities, start=1):
+                assert publish(job_id, "resolve", priority=priority)
+            # then one read counts them all, and a queue never declared counts as empty
+            assert sweeper.broker_queue_lengths("writeback", "drafting") == {"writeback": len(priorities),
+                                                                             "drafting": 0}
+            assert sweeper.queue_depth() == len(priorities)
+        server.kill()
+        # and a broker that is down raises (the sweeper and the metrics scrape decide what that means)
+        with harness.publishing_to(server.url), pytest.raises(Exception):
+            sweeper.broker_queue_lengths("writeback")
+    finally:
+        server.stop()
+
+
+def test_broker_queue_lengths_count_under_the_deployments_redis_key_prefix():
+    # given the suite's broker, whose keys carry CELERY_REDIS_KEY_PREFIX (as a shared Redis
+    # would), and messages at three priorities in a queue no worker consumes
+    import os
+
+    import redis
+
+    from worker.app import app
+
+    assert app.conf.broker_transport_options.get("global_keyprefix")
+    queue = f"depth-probe-{os.getpid()}"
+    for priority in (0, 6, 9):
+        app.send_task("writeback.resolve", kwargs={"job_id": 0}, queue=queue, priority=priority)
+    try:
+        # then all three are counted (a passive declare's existence check ignores the prefix)
+        assert sweeper.broker_queue_lengths(queue, f"{queue}-unused") == {queue: 3, f"{queue}-unused": 0}
+    finally:
+        client = redis.Redis.from_url(app.conf.broker_url)
+        prefix = app.conf.broker_transport_options["global_keyprefix"]
+        client.delete(*client.keys(f"{prefix}{queue}*"), *client.keys(f"{prefix}_kombu.binding*.{queue}"))
+
+
 def test_a_job_whose_message_was_lost_is_finished_by_a_worker_after_a_sweep(world, worker, monkeypatch):
     # given a job committed while the broker was unreachable (the publish after commit failed)
     sid = world.session(3209)
