@@ -61,6 +61,7 @@ def delivered(alert_id: int, state: str = "sent") -> Alert:
 
 
 def test_verification_failure_alerts_once_in_log_database_and_webhook(world, alert_worker, receiver, ops_client):
+    start = alert_worker.mark()  # this test's log lines only
     # given a ticket whose board silently undoes status changes, on a named account
     with session_scope() as db:
         admin.ensure_account(db, world.account_id).name = "Acme MSP"
@@ -82,7 +83,7 @@ def test_verification_failure_alerts_once_in_log_database_and_webhook(world, ale
     assert "*Expected status*\n9 (Resolved)" in fields and "*Observed status*\n1 (New)" in fields
     assert "Replaced the fuser" not in str(body)  # the note itself is never in an alert
     # and one structured ERROR line
-    lines = [ln for ln in alert_worker.log_text().splitlines() if "ALERT verification_failed" in ln]
+    lines = [ln for ln in alert_worker.log_text(start).splitlines() if "ALERT verification_failed" in ln]
     assert len(lines) == 1 and "ERROR" in lines[0] and f"job_id={job_id}" in lines[0] and "ticket_id=48213" in lines[0]
 
     # when the message is redelivered and another thread (or the reconciler) raises it again
@@ -92,13 +93,14 @@ def test_verification_failure_alerts_once_in_log_database_and_webhook(world, ale
 
     assert raise_for_job(AlertKind.VERIFICATION_FAILED, job_id) is None
     assert run_checks()["reconciled"] == 0
-    wait_for(lambda: alert_worker.log_text().count("job already verification_failed") >= 2, message="redeliveries")
+    wait_for(lambda: alert_worker.log_text(start).count("job already verification_failed") >= 2, message="redeliveries")
     # then there is still exactly one alert and one webhook
     assert len(alerts(job_id=job_id)) == 1 and len(receiver.bodies()) == 1
 
 
 def test_job_failing_after_its_retries_alerts_once_however_often_it_is_retried(world, alert_worker, receiver,
                                                                                 ops_client):
+    start = alert_worker.mark()
     sid = world.session(6101)
     world.sim.state.add_fault(action="error", status=503, operation="post_note", times=-1)
     job_id = submit(ops_client, "resolve", sid, "Cleared the print spooler.", max_attempts=2)
@@ -108,7 +110,7 @@ def test_job_failing_after_its_retries_alerts_once_however_often_it_is_retried(w
     assert alert.kind == "job_failed" and "gave up after 2 attempts" in alert.message
     # and the job's outcome line carries the reason (the runner does not log it a second time)
     wait_for(lambda: any(f"job {job_id} failed (failed) after 2 attempt(s): gave up after 2 attempts" in ln
-                         and "WARNING" in ln for ln in alert_worker.log_text().splitlines()), message="outcome line")
+                         and "WARNING" in ln for ln in alert_worker.log_text(start).splitlines()), message="outcome line")
     assert alert.expected_status_id == RESOLVED and alert.observed_status_id is None
     delivered(alert.id)
     assert "Writeback failed" in receiver.bodies()[0]["text"]
@@ -179,6 +181,7 @@ def test_a_dead_webhook_is_retried_boundedly_and_never_holds_up_writebacks(world
 
 
 def test_stuck_jobs_alert_once_and_cancelling_one_closes_its_alert(world, alert_worker, receiver, ops_client):
+    start = alert_worker.mark()
     assert celeryconfig.beat_schedule["writeback-check-stuck"]["task"] == "writeback.check_stuck"
     hour_ago = utcnow() - dt.timedelta(hours=1)
     with session_scope() as db:
@@ -200,7 +203,7 @@ def test_stuck_jobs_alert_once_and_cancelling_one_closes_its_alert(world, alert_
     wait_for(lambda: len(receiver.bodies()) == 2, message="two webhooks")
     assert all("Writeback job stuck" in b["text"] for b in receiver.bodies())
     ops_client.send_task("writeback.check_stuck", queue="writeback")
-    wait_for(lambda: alert_worker.log_text().count("writeback.check_stuck[") >= 4, message="second check")
+    wait_for(lambda: alert_worker.log_text(start).count("writeback.check_stuck[") >= 4, message="second check")
     # then nothing new: still two alerts, two pages; the waiting and the fresh job raised none
     assert len(alerts(kind="job_stuck")) == 2 and len(receiver.bodies()) == 2
     assert alerts(job_id=behind) == [] and alerts(job_id=fresh) == []
