@@ -40,6 +40,11 @@ def keys_configured() -> bool:
     return bool(os.environ.get(ENV_VAR, "").strip())
 
 
+def require_keys() -> None:
+    """Raise the ConfigurationError for a missing or malformed key now."""
+    _fernets()
+
+
 def _fernets() -> list[Fernet]:
     raw = os.environ.get(ENV_VAR, "").strip()
     if not raw:

@@ -37,7 +37,7 @@ class RotationReport:
 
 
 def rotate_keys() -> RotationReport:
-    crypto.encrypt("")  # no key configured: one clear ConfigurationError before touching any row
+    crypto.require_keys()  # no key configured: one clear ConfigurationError before touching any row
     with session_scope() as db:
         ids = list(db.scalars(select(_C.id).order_by(_C.id)))
     report = RotationReport()
