@@ -9,7 +9,8 @@ Create Date: 2026-12-01 17:40:00
   a row whose keys do not decrypt) the rows are left in the legacy form, which the worker
   still reads, and `psa-writeback rotate-keys` binds them later. Downgrade unwraps the
   envelopes again (same condition), since older code would send the envelope as the key.
-- writeback_jobs: the idempotency key is unique per account, not globally.
+- writeback_jobs: the idempotency key is unique per account, not globally (a downgrade
+  fails while two accounts share a key: rename one first).
 - ai_session_messages.created_at and ai_session_context.updated_at get server defaults, so
   the web app's INSERT may name only the documented columns.
 """
