@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kombu import Queue
+from kombu import Exchange, Queue
 
 
 def _env_int(name: str, default: int) -> int:
@@ -22,7 +22,10 @@ def _env_int(name: str, default: int) -> int:
 
 def _embedded_broker() -> tuple[str, dict]:
     # No broker configured: a filesystem queue under ./var, shared by the demo's processes.
-    root = Path(os.environ.get("PSA_WRITEBACK_VAR", "var")).resolve() / "broker"
+    var = Path(os.environ.get("PSA_WRITEBACK_VAR", "var")).resolve()
+    var.mkdir(mode=0o700, parents=True, exist_ok=True)  # messages name jobs; owner only (models.db.private_dir)
+    var.chmod(0o700)
+    root = var / "broker"
     for sub in ("out", "processed"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     opts = {"data_folder_in": str(root / "out"), "data_folder_out": str(root / "out"),
@@ -86,7 +89,11 @@ task_send_sent_event = True
 task_track_started = True
 
 task_default_queue = "writeback"
-task_queues = (Queue("writeback"), Queue("drafting"))
+# Each queue on its own direct exchange and routing key: a publisher naming the writeback
+# exchange and key reaches the writeback queue only, never the drafting workers (and the
+# other way round). Queue("drafting") alone would be bound to the default exchange.
+task_queues = (Queue("writeback", Exchange("writeback", type="direct"), routing_key="writeback"),
+               Queue("drafting", Exchange("drafting", type="direct"), routing_key="drafting"))
 task_routes = {"writeback.draft_preview": {"queue": "drafting"}}
 
 beat_schedule = {

@@ -18,7 +18,7 @@ retry policy can ever swallow them: a missing key fails the draft at once.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # The newest Sonnet the installed SDK (anthropic 2.14) knows; claude-sonnet-4-5 is on the
 # SDK's deprecation list (end of life 2026-11-30), so it is not a safe default.
@@ -31,7 +31,7 @@ class DraftConfigError(Exception):
 
 @dataclass(frozen=True)
 class DraftConfig:
-    api_key: str = ""
+    api_key: str = field(default="", repr=False)  # a secret: never in a repr, a log line or a traceback
     base_url: str | None = None
     model: str = DEFAULT_MODEL
     max_tokens: int = 2048

@@ -31,7 +31,8 @@ class PsaConnection(Base):
     base_url: Mapped[str] = mapped_column(Text)
     company_id: Mapped[str] = mapped_column(String(100))
     client_id: Mapped[str] = mapped_column(String(100))
-    # Fernet tokens; see models.crypto. Never logged, never sent as task arguments.
+    # Fernet tokens, each bound to this row's id and base_url (models.crypto): a row changed in
+    # the database makes the worker refuse them. Never logged, never sent as task arguments.
     public_key_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
     private_key_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)

@@ -26,8 +26,16 @@ def database_url() -> str:
     url = os.environ.get("DATABASE_URL", "").strip()
     if url:
         return normalize_url(url)
-    DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(DEFAULT_SQLITE_PATH.parent)
     return f"sqlite:///{DEFAULT_SQLITE_PATH.resolve()}"
+
+
+def private_dir(path: Path) -> Path:
+    """Create (or tighten) a directory only its owner can enter: the demo's ./var holds a
+    database with encrypted keys and note bodies, and broker messages."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
 
 
 def normalize_url(url: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 
-from sqlalchemy import ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import ForeignKey, Integer, String, Text, UniqueConstraint, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, BigIntPK, intpk, utcnow
@@ -44,7 +44,9 @@ class AiSessionMessage(Base):
     # model as a label inside the transcript data, never used as an API message role.
     role: Mapped[str] = mapped_column(String(32))
     content: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # The web app writes these rows: a server default lets its INSERT name only the
+    # documented columns (migration 0007).
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, server_default=func.now())
 
 
 class AiSessionContext(Base):
@@ -55,7 +57,7 @@ class AiSessionContext(Base):
                                             primary_key=True, autoincrement=False)
     ticket_summary: Mapped[str | None] = mapped_column(Text)  # the PSA ticket's summary line
     ticket_description: Mapped[str | None] = mapped_column(Text)  # the customer's original report
-    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow, server_default=func.now())
 
 
 class DraftPreview(Base):

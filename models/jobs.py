@@ -34,6 +34,9 @@ class WritebackJob(Base):
         # The sweeper's and the claim's access paths.
         Index("ix_writeback_jobs_due", "next_attempt_at", postgresql_where=text("state IN ('queued', 'retrying')")),
         Index("ix_writeback_jobs_lease", "lease_until", postgresql_where=text("state = 'running'")),
+        # Idempotency keys are scoped per account: another tenant reusing `order-1` neither
+        # collides with nor learns anything about this one's job.
+        UniqueConstraint("account_id", "idempotency_key", name="uq_writeback_jobs_account_idempotency_key"),
         Index("ix_writeback_jobs_ticket_key_id", "ticket_key", "id"),
         Index("ix_writeback_jobs_state_created", "state", "created_at"),
         # Fair scheduling: an account's live backlog, counted at enqueue (tasks.enqueue.fair_priority).
@@ -44,7 +47,8 @@ class WritebackJob(Base):
     id: Mapped[intpk]
     kind: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(32), default=JobState.QUEUED.value)
-    idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
+    # Unique per account (uq_writeback_jobs_account_idempotency_key): tenants' keys never meet.
+    idempotency_key: Mapped[str] = mapped_column(String(255))
 
     session_id: Mapped[int] = mapped_column(ForeignKey("ai_sessions.id"), index=True)
     account_id: Mapped[int] = mapped_column(index=True)

@@ -37,9 +37,12 @@ def add_connection(db: Session, *, account_id: Any, provider: str, base_url: str
     account = ensure_account(db, account_id)
     connection = PsaConnection(account_id=account.account_id, provider=provider, base_url=base_url.rstrip("/"),
                                company_id=company_id, client_id=client_id,
-                               public_key_encrypted=crypto.encrypt(public_key),
-                               private_key_encrypted=crypto.encrypt(private_key))
+                               public_key_encrypted=b"", private_key_encrypted=b"")
     db.add(connection)
+    db.flush()  # the id the keys are bound to; same transaction, so no row commits without its keys
+    bind = dict(conn_id=connection.id, base_url=connection.base_url, provider=provider)
+    connection.public_key_encrypted = crypto.encrypt_bound(public_key, **bind)
+    connection.private_key_encrypted = crypto.encrypt_bound(private_key, **bind)
     db.flush()
     return connection
 
@@ -62,8 +65,12 @@ def create_session(db: Session, *, account_id: Any, psa_connection_id: Any = Non
                    title: str = "") -> AiSession:
     account = ensure_account(db, account_id)
     conn_id = v.positive_int(psa_connection_id, "psa_connection_id") if psa_connection_id is not None else None
-    if conn_id is not None and db.get(PsaConnection, conn_id) is None:
+    connection = db.get(PsaConnection, conn_id) if conn_id is not None else None
+    if conn_id is not None and connection is None:
         raise NotFoundError(f"unknown PSA connection {conn_id}", field="psa_connection_id")
+    if connection is not None and connection.account_id != account.account_id:
+        # Enqueue would refuse it later; a session must never even point at another tenant's PSA.
+        raise RequestError(f"PSA connection {conn_id} belongs to another account", field="psa_connection_id")
     ticket = v.positive_int(psa_ticket_id, "psa_ticket_id") if psa_ticket_id is not None else None
     session = AiSession(account_id=account.account_id, psa_connection_id=conn_id, psa_ticket_id=ticket, title=title)
     db.add(session)

@@ -95,16 +95,16 @@ def fair_priority(db: Session, account_id: int) -> int:
 
 def build_job(db: Session, kind: JobKind, *, session_id: Any, markdown: Any = None, visibility: Any = None,
               status_id: Any = None, idempotency_key: Any = None, psa_connection_id: Any = None,
-              max_attempts: Any = None) -> WritebackJob:
+              max_attempts: Any = None, account_id: Any = None) -> WritebackJob:
     """Validate the intent and add the job row (flushed, not committed). Returns an existing
-    job when the same idempotency key was used before with the same intent."""
+    job when the same idempotency key was used before, by the same account, with the same
+    intent. `account_id`, when given, is the web tier's guard: the session must be that
+    account's."""
     session_id = v.positive_int(session_id, "session_id")
     key = v.idempotency_key(idempotency_key)
-    if key is not None and (existing := db.scalar(select(WritebackJob).where(WritebackJob.idempotency_key == key))):
+    session = _session(db, session_id, account_id)
+    if key is not None and (existing := _by_key(db, session.account_id, key)):
         return _same_intent_or_conflict(existing, kind, session_id)
-    session = db.get(AiSession, session_id)
-    if session is None:
-        raise NotFoundError(f"unknown session {session_id}", field="session_id")
     job = WritebackJob(kind=kind.value, session_id=session.id, account_id=session.account_id, published_at=utcnow(),
                        idempotency_key=key or f"{kind.value}:{session.id}:{uuid.uuid4().hex}")
     job.max_attempts = (min(v.positive_int(max_attempts, "max_attempts"), 50) if max_attempts is not None
@@ -135,6 +135,24 @@ def build_job(db: Session, kind: JobKind, *, session_id: Any, markdown: Any = No
     elif kind in _PREF_SUFFIX:
         job.target_status_id, job.transition_skipped_reason = target_status(db, session.account_id, connection.provider, kind)
     return _insert(db, job, kind)
+
+
+def _session(db: Session, session_id: int, account_id: Any) -> AiSession:
+    guard = v.positive_int(account_id, "account_id") if account_id is not None else None
+    session = db.get(AiSession, session_id)
+    if guard is not None and (session is None or session.account_id != guard):
+        # One message whether the session is another tenant's or does not exist at all:
+        # the caller learns nothing about other accounts' ids.
+        raise NotFoundError(f"unknown session {session_id} for account {guard}", field="session_id")
+    if session is None:
+        raise NotFoundError(f"unknown session {session_id}", field="session_id")
+    return session
+
+
+def _by_key(db: Session, account_id: int, key: str) -> WritebackJob | None:
+    # Keys are scoped per account: a tenant can neither see nor pre-empt another's keys.
+    return db.scalar(select(WritebackJob).where(WritebackJob.account_id == account_id,
+                                                WritebackJob.idempotency_key == key))
 
 
 def target_status(db: Session, account_id: int, provider: str, kind: JobKind) -> tuple[int | None, str | None]:
@@ -188,7 +206,7 @@ def _insert(db: Session, job: WritebackJob, kind: JobKind) -> WritebackJob:
         with db.begin_nested():  # a race on the unique indexes rolls back this row only
             db.add(job)
     except IntegrityError:
-        existing = db.scalar(select(WritebackJob).where(WritebackJob.idempotency_key == job.idempotency_key))
+        existing = _by_key(db, job.account_id, job.idempotency_key)
         if existing is not None:
             return _same_intent_or_conflict(existing, kind, job.session_id)
         raise ConflictError(f"session {job.session_id} already has a live {kind.value} writeback") from None

@@ -252,26 +252,30 @@ def _load(db: DB, job_id: int) -> Any:
                       .outerjoin(_C, _C.id == _J.psa_connection_id).where(_J.id == job_id)).first()
 
 
-# Decrypted keys, per connection and ciphertext (a re-keyed or rotated connection has new
-# ciphertext, so a stale entry is never used), for a short while: Fernet's HMAC + AES per
-# claim is measurable CPU at hundreds of jobs per second. Only in this process's memory.
+# Decrypted keys, per connection, base URL and ciphertext (a re-keyed or rotated connection
+# has new ciphertext, so a stale entry is never used; the URL is part of the key so a row
+# repointed in the database misses the cache and meets the binding check), for a short
+# while: Fernet's HMAC + AES per claim is measurable CPU at hundreds of jobs per second.
+# Only in this process's memory.
 _CREDENTIALS_TTL = 60.0
-_credentials: dict[tuple[int, str], tuple[float, str, str]] = {}
+_credentials: dict[tuple[int, str | None, str], tuple[float, str, str]] = {}
 _credentials_lock = threading.Lock()
 
 
-def _keys(conn_id: int, public: bytes, private: bytes) -> tuple[str, str]:
+def _keys(conn_id: int, base_url: str | None, public: bytes, private: bytes) -> tuple[str, str]:
     digest = hashlib.sha256(bytes(public) + b"|" + bytes(private)).hexdigest()
     now = time.monotonic()
     with _credentials_lock:
-        hit = _credentials.get((conn_id, digest))
+        hit = _credentials.get((conn_id, base_url, digest))
     if hit is not None and hit[0] > now:
         return hit[1], hit[2]
-    keys = crypto.decrypt(bytes(public)), crypto.decrypt(bytes(private))
+    # Each key was encrypted bound to its connection id and base URL (models.crypto).
+    keys = (crypto.decrypt_bound(bytes(public), conn_id=conn_id, base_url=base_url),
+            crypto.decrypt_bound(bytes(private), conn_id=conn_id, base_url=base_url))
     with _credentials_lock:
         if len(_credentials) > 1000:
             _credentials.clear()
-        _credentials[(conn_id, digest)] = (now + _CREDENTIALS_TTL, *keys)
+        _credentials[(conn_id, base_url, digest)] = (now + _CREDENTIALS_TTL, *keys)
     return keys
 
 
@@ -279,14 +283,15 @@ def credentials_for(connection_id: int, c_id: int | None, c_active: bool | None,
                     company_id: str | None, client_id: str | None, public_enc: bytes | None,
                     private_enc: bytes | None) -> tuple[Credentials | None, str | None]:
     """A job's PSA credentials, or why it cannot use its connection (`connection_id`, the
-    job's psa_connection_id): the connection row is gone (`c_id` None), deactivated, or its
-    keys no longer decrypt. Exactly one of the two is None."""
+    job's psa_connection_id): the connection row is gone (`c_id` None), deactivated, its
+    keys no longer decrypt, or they were bound to another connection id or base URL (the
+    row was changed in the database). Exactly one of the two is None."""
     if c_id is None:
         return None, f"PSA connection {connection_id} no longer exists"
     if not c_active:
         return None, f"PSA connection {connection_id} was deactivated after the job was enqueued"
     try:  # keys are decrypted in the worker (or the operator's CLI) only, never logged or stored
-        public, private = _keys(c_id, public_enc, private_enc)
+        public, private = _keys(c_id, base_url, public_enc, private_enc)
     except ConfigurationError as err:
         return None, str(err)
     return Credentials(base_url, company_id, client_id, public, private), None

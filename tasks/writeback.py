@@ -12,8 +12,9 @@ import os
 from typing import Any
 
 from celery import Task
+from sqlalchemy import select
 
-from models import JobKind
+from models import JobKind, WritebackJob
 from models.db import session_scope
 from tasks import runner, store, sweeper
 from tasks import validation as v
@@ -38,15 +39,14 @@ def db_outage_countdown() -> float:
     return float(os.environ.get("DB_OUTAGE_RETRY_SECONDS", "10"))
 
 
+# `account_id` (optional, every kind) is the web tier's tenant guard: when given, a session
+# (or job) of another account is refused. Anyone who can write to Redis can send a task.
+_COMMON = {"idempotency_key", "psa_connection_id", "max_attempts", "account_id"}
 _INTENT_FIELDS = {
-    JobKind.RESOLVE: ({"session_id", "markdown", "idempotency_key", "psa_connection_id", "max_attempts"},
-                      {"session_id", "markdown"}),
-    JobKind.ESCALATE: ({"session_id", "markdown", "idempotency_key", "psa_connection_id", "max_attempts"},
-                       {"session_id", "markdown"}),
-    JobKind.POST_NOTE: ({"session_id", "markdown", "visibility", "idempotency_key", "psa_connection_id",
-                         "max_attempts"}, {"session_id", "markdown", "visibility"}),
-    JobKind.TRANSITION_STATUS: ({"session_id", "status_id", "idempotency_key", "psa_connection_id", "max_attempts"},
-                                {"session_id", "status_id"}),
+    JobKind.RESOLVE: ({"session_id", "markdown", *_COMMON}, {"session_id", "markdown"}),
+    JobKind.ESCALATE: ({"session_id", "markdown", *_COMMON}, {"session_id", "markdown"}),
+    JobKind.POST_NOTE: ({"session_id", "markdown", "visibility", *_COMMON}, {"session_id", "markdown", "visibility"}),
+    JobKind.TRANSITION_STATUS: ({"session_id", "status_id", *_COMMON}, {"session_id", "status_id"}),
 }
 
 
@@ -113,9 +113,21 @@ def _job_id(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any, inten
         job_id = args[0]  # resolve.delay(17): a lone positional argument is the job id
     if job_id is None:
         return _job_from_intent(task, kind, intent)
+    account_id = intent.pop("account_id", None)
     if intent:
         raise RequestError(f"pass either job_id or the intent, not both (got {', '.join(sorted(intent))})")
-    return v.positive_int(job_id, "job_id")
+    job_id = v.positive_int(job_id, "job_id")
+    if account_id is not None:
+        _check_job_account(job_id, v.positive_int(account_id, "account_id"))
+    return job_id
+
+
+def _check_job_account(job_id: int, account_id: int) -> None:
+    with session_scope() as db:
+        owner = db.scalar(select(WritebackJob.account_id).where(WritebackJob.id == job_id))
+    if owner is not None and owner != account_id:
+        # Names only what the sender gave (a missing job goes on to PoisonMessage as before).
+        raise RequestError(f"job {job_id} is not a job of account {account_id}", field="job_id")
 
 
 # `throws`: expected outcomes, logged without a traceback; the task still ends FAILURE.

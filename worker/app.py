@@ -10,4 +10,5 @@ app.conf.include = [
     "worker.alerts",  # alert webhook delivery and the stuck-jobs check
     "worker.signals",  # operations hooks: alerts, metrics, structured logs (not a task module)
     "tasks.drafting",
+    "worker.queues",  # drops queue bindings older releases left in Redis (not a task module)
 ]

@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("generate-key", help="print a new encryption key for PSA_WRITEBACK_ENCRYPTION_KEYS") \
         .set_defaults(func=lambda a: print(__import__("models.crypto", fromlist=["x"]).generate_key()))
 
+    rk = sub.add_parser("rotate-keys", help="re-encrypt every stored PSA key with the first key of "
+                                             "PSA_WRITEBACK_ENCRYPTION_KEYS (and bind legacy keys)")
+    rk.add_argument("--json", action="store_true")
+    rk.set_defaults(func=cmd_rotate_keys)
+
     c = sub.add_parser("add-connection", help="store a PSA connection (keys encrypted at rest)")
     c.add_argument("--account", type=int, required=True)
     c.add_argument("--provider", default="connectwise")
@@ -133,6 +138,17 @@ def cmd_add_connection(args: argparse.Namespace) -> int:
                                     company_id=args.company, client_id=args.client_id, **keys)
         cid = conn.id
     return _out(args, {"connection_id": cid}, f"connection {cid} added for account {args.account}")
+
+
+def cmd_rotate_keys(args: argparse.Namespace) -> int:
+    from tasks.keys import rotate_keys
+
+    report = rotate_keys()
+    lines = [f"rotated {len(report.rotated)} connection(s) ({len(report.bound)} bound to their connection), "
+             f"{len(report.current)} already current, {len(report.failed)} failed"]
+    lines += [f"  connection {cid}: {why}" for cid, why in report.failed]
+    _out(args, report.as_dict(), "\n".join(lines))
+    return 1 if report.failed else 0  # an old key may only be removed once nothing failed
 
 
 def cmd_set_prefs(args: argparse.Namespace) -> int:

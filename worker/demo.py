@@ -32,8 +32,9 @@ MARKDOWN = {
 
 
 def _prepare_environment(keep: bool) -> Path:
-    var = Path(os.environ.setdefault("PSA_WRITEBACK_VAR", "var")).resolve()
-    var.mkdir(parents=True, exist_ok=True)
+    from models.db import private_dir
+
+    var = private_dir(Path(os.environ.setdefault("PSA_WRITEBACK_VAR", "var")).resolve())
     if not os.environ.get("DATABASE_URL") and not keep:
         for suffix in ("", "-wal", "-shm"):
             (var / f"psa-writeback.db{suffix}").unlink(missing_ok=True)

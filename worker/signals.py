@@ -23,7 +23,7 @@ log = logging.getLogger("psa_writeback.ops")
 
 # Keys a by-name sender may put in a writeback task's kwargs that are safe to show in Flower.
 _SAFE_KWARGS = {"job_id", "session_id", "psa_connection_id", "status_id", "visibility", "max_attempts",
-                "alert_id"}
+                "alert_id", "account_id"}
 
 
 # --- job events ------------------------------------------------------------------------------

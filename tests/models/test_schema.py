@@ -68,7 +68,7 @@ def test_connection_keys_are_encrypted_at_rest(db_clean):
                          {"i": cid}).one()
         assert b"fake-priv-KEY2" not in bytes(raw[1]) and b"fake-pub-KEY1" not in bytes(raw[0])
         row = db.get(PsaConnection, cid)
-        assert crypto.decrypt(row.private_key_encrypted) == "fake-priv-KEY2"
+        assert crypto.decrypt_bound(row.private_key_encrypted, conn_id=cid, base_url=row.base_url) == "fake-priv-KEY2"
         assert "fake-priv" not in repr(row)
 
 
