@@ -174,24 +174,19 @@ class QueueSnapshot:
 
 
 def queue_snapshot() -> QueueSnapshot:
-    import datetime as dt
-
     from sqlalchemy import func, select
 
     from models import Alert, AlertKind, DeliveryState, WritebackJob, utcnow
     from models.db import session_scope
-    from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
-    from worker.alerts import stuck_condition  # imports this module: keep it out of import time
+    from worker.stuck import CLAIMABLE, TERMINAL, stuck_condition
 
-    _TERMINAL, _CLAIMABLE = [s.value for s in TERMINAL_STATES], [s.value for s in CLAIMABLE_STATES]
     J, now = WritebackJob, utcnow()
     snap = QueueSnapshot()
     with session_scope() as db:
-        snap.depth = dict(db.execute(select(J.state, func.count()).where(J.state.notin_(_TERMINAL))
+        snap.depth = dict(db.execute(select(J.state, func.count()).where(J.state.notin_(TERMINAL))
                                      .group_by(J.state)).all())
-        oldest = db.scalar(select(func.min(J.next_attempt_at)).where(J.state.in_(_CLAIMABLE), J.next_attempt_at <= now))
+        oldest = db.scalar(select(func.min(J.next_attempt_at)).where(J.state.in_(CLAIMABLE), J.next_attempt_at <= now))
         if oldest is not None:
-            oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=dt.timezone.utc)
             snap.oldest_due_age = max(0.0, (now - oldest).total_seconds())
         snap.stuck = db.scalar(select(func.count()).select_from(J).where(stuck_condition(now))) or 0
         snap.open_alerts = {k.value: 0 for k in AlertKind}
