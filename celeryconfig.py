@@ -68,7 +68,10 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 # Threads: each job is ~5 HTTP calls that mostly wait. 2 prefork children would run 2 jobs
 # at once; 32 threads run 32 with one process's memory. Override with WORKER_CONCURRENCY.
-worker_pool = os.environ.get("WORKER_POOL", "threads")
+# Deliberately no `worker_pool` here: Celery lets that setting replace an explicit
+# `-P prefork` (it cannot tell it from the flag's default). The pool's default, WORKER_POOL
+# or threads, is the worker command's -P default instead (worker/app.py), so flags win.
+# `-c N` wins over this setting by itself.
 worker_concurrency = _env_int("WORKER_CONCURRENCY", 32)
 # Time limits only bite under prefork; under threads, HTTP timeouts and the job lease bound
 # an execution (the lease is longer than the hard limit).
