@@ -177,6 +177,8 @@ def _redact_received(request: Any = None, **_: Any) -> None:
 def _worker_started(sender: Any = None, **_: Any) -> None:
     metrics.clean_multiprocess_dir()
     metrics.start_worker_server()
+    if sender is not None and getattr(sender, "pool_cls", None) is not None:
+        logs.quiet_uncancellable_tasks(sender.pool_cls)  # broker loss under threads: one line per task
     # A task-sent event carries saferepr(kwargs) built by the publisher, out of reach of the
     # redaction above. The worker publishes only retries, alert deliveries and wake-ups; a
     # retry of a message sent by name with the intent re-sends the markdown, and Flower would
