@@ -23,10 +23,12 @@ def _env_int(name: str, default: int) -> int:
 def _embedded_broker() -> tuple[str, dict]:
     # No broker configured: a filesystem queue under ./var, shared by the demo's processes.
     root = Path(os.environ.get("PSA_WRITEBACK_VAR", "var")).resolve() / "broker"
-    for sub in ("out", "processed"):
+    for sub in ("out", "processed", "control"):
         (root / sub).mkdir(parents=True, exist_ok=True)
+    # control_folder: kombu's default is ./control, in whatever directory a process started.
     opts = {"data_folder_in": str(root / "out"), "data_folder_out": str(root / "out"),
-            "processed_folder": str(root / "processed"), "store_processed": False}
+            "processed_folder": str(root / "processed"), "control_folder": str(root / "control"),
+            "store_processed": False}
     return "filesystem://", opts
 
 
@@ -91,6 +93,10 @@ task_track_started = True
 task_default_queue = "writeback"
 task_queues = (Queue("writeback"), Queue("drafting"))
 task_routes = {"writeback.draft_preview": {"queue": "drafting"}}
+
+# Beat's schedule file (when each entry last ran). Celery's default is ./celerybeat-schedule,
+# in whatever directory beat was started from, e.g. a checkout. `-s` on the command line wins.
+beat_schedule_filename = os.environ.get("CELERY_BEAT_SCHEDULE_FILE", "").strip() or "/tmp/psa-writeback-beat"
 
 beat_schedule = {
     "writeback-sweep": {
