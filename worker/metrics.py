@@ -214,7 +214,10 @@ def serve(port: int, addr: str = "0.0.0.0") -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="psa-writeback metrics", description="Serve queue metrics from the database.")
     parser.add_argument("--port", type=int, default=int(os.environ.get("QUEUE_METRICS_PORT", "9809")))
-    parser.add_argument("--addr", default=os.environ.get("METRICS_ADDR", "0.0.0.0"))
+    # All interfaces by default: Prometheus scrapes from another host or container. The
+    # gauges are counts (no tenant data), but set QUEUE_METRICS_ADDR (or --addr) to bind one
+    # interface where the port is reachable from places that should not see them.
+    parser.add_argument("--addr", default=os.environ.get("QUEUE_METRICS_ADDR", "").strip() or "0.0.0.0")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     serve(args.port, args.addr)
