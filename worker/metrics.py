@@ -5,14 +5,14 @@ Two sources, two processes (both in the Procfile):
 - **The worker** counts what happens inside it (writebacks, verification failures, retries,
   PSA call latency, alerts) and serves those on METRICS_PORT (started at worker_init when
   the variable is set). The threads pool is one process, so a plain registry is exact. If
-  the worker runs a pool with child processes (WORKER_POOL=prefork), set
+  the worker runs a pool with child processes (-P prefork, or WORKER_POOL=prefork), set
   PROMETHEUS_MULTIPROC_DIR: the children write their samples there and the parent's
   endpoint merges them (prometheus_client multiprocess mode).
 - **`python -m worker.metrics`** (`psa-writeback metrics`) serves facts about the whole
   deployment, computed from the database at scrape time: jobs waiting by state, the age of
   the oldest due job, stuck jobs, open alerts, undelivered webhooks, and the broker's queue
   lengths (tasks.sweeper's count). Run one; N workers each exporting the same queue depth
-  would be summed wrongly.
+  would be summed wrongly. Port QUEUE_METRICS_PORT, address QUEUE_METRICS_ADDR (or --port/--addr).
 
 Counters are per worker process: aggregate with sum() across workers in PromQL.
 """
