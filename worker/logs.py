@@ -164,17 +164,17 @@ class UncancellableTaskFilter(logging.Filter):
         self.terminating = TERMINATING_TASK_ON_RESTART_AFTER_A_CONNECTION_LOSS
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg == self.terminating:
-            return False  # the line below says what really happens
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, NotImplementedError) and str(record.msg).startswith("Failed to cancel active request"):
+        if record.msg == self.terminating:  # one per running task: say what really happens
             request = record.args[0] if isinstance(record.args, tuple) and record.args else None
             record.msg = ("broker connection lost while task %s (%s) was running: the %s pool cannot stop it, so it "
                           "runs to the end and its job row records the outcome (a redelivered message finds the job "
                           "finished)")
             record.args = (getattr(request, "id", "?"), getattr(request, "name", "?"), self.pool_name)
-            record.exc_info, record.exc_text = None, None
-        return True
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        # The pool's "cannot terminate" that follows: the line above said it already.
+        return not (isinstance(exc, NotImplementedError)
+                    and str(record.msg).startswith("Failed to cancel active request"))
 
 
 def quiet_uncancellable_tasks(pool_cls: Any) -> bool:
