@@ -26,10 +26,12 @@ def _embedded_broker() -> tuple[str, dict]:
     var.mkdir(mode=0o700, parents=True, exist_ok=True)  # messages name jobs; owner only (models.db.private_dir)
     var.chmod(0o700)
     root = var / "broker"
-    for sub in ("out", "processed"):
+    for sub in ("out", "processed", "control"):
         (root / sub).mkdir(parents=True, exist_ok=True)
+    # control_folder: kombu's default is ./control, in whatever directory a process started.
     opts = {"data_folder_in": str(root / "out"), "data_folder_out": str(root / "out"),
-            "processed_folder": str(root / "processed"), "store_processed": False}
+            "processed_folder": str(root / "processed"), "control_folder": str(root / "control"),
+            "store_processed": False}
     return "filesystem://", opts
 
 
@@ -71,7 +73,10 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 # Threads: each job is ~5 HTTP calls that mostly wait. 2 prefork children would run 2 jobs
 # at once; 32 threads run 32 with one process's memory. Override with WORKER_CONCURRENCY.
-worker_pool = os.environ.get("WORKER_POOL", "threads")
+# Deliberately no `worker_pool` here: Celery lets that setting replace an explicit
+# `-P prefork` (it cannot tell it from the flag's default). The pool's default, WORKER_POOL
+# or threads, is the worker command's -P default instead (worker/app.py), so flags win.
+# `-c N` wins over this setting by itself.
 worker_concurrency = _env_int("WORKER_CONCURRENCY", 32)
 # Time limits only bite under prefork; under threads, HTTP timeouts and the job lease bound
 # an execution (the lease is longer than the hard limit).
@@ -95,6 +100,10 @@ task_default_queue = "writeback"
 task_queues = (Queue("writeback", Exchange("writeback", type="direct"), routing_key="writeback"),
                Queue("drafting", Exchange("drafting", type="direct"), routing_key="drafting"))
 task_routes = {"writeback.draft_preview": {"queue": "drafting"}}
+
+# Beat's schedule file (when each entry last ran). Celery's default is ./celerybeat-schedule,
+# in whatever directory beat was started from, e.g. a checkout. `-s` on the command line wins.
+beat_schedule_filename = os.environ.get("CELERY_BEAT_SCHEDULE_FILE", "").strip() or "/tmp/psa-writeback-beat"
 
 beat_schedule = {
     "writeback-sweep": {

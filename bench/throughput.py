@@ -416,10 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     with bench_stack(0.0, [1001, 1002, 1003]) as stack:
         import celeryconfig
+        from worker.app import default_pool
 
         env, base, root, conns = stack.env, stack.base, stack.root, stack.conns
         conc = celeryconfig.worker_concurrency
-        report: dict = {"when": when, "concurrency": conc, "pool": celeryconfig.worker_pool, "cpus": os.cpu_count()}
+        report: dict = {"when": when, "concurrency": conc, "pool": default_pool(), "cpus": os.cpu_count()}
         ref_worker = stack.worker(reference_worker(env, conc))
         try:
             ref_worker.start()

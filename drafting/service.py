@@ -162,7 +162,4 @@ def _supersede_others(db: Session, session_id: int, kind: DraftKind, digest: str
 
 
 def _lease_expired(row: DraftPreview) -> bool:
-    lease = row.lease_until
-    if lease is not None and lease.tzinfo is None:  # SQLite hands back naive datetimes
-        lease = lease.replace(tzinfo=dt.timezone.utc)
-    return lease is None or lease <= utcnow()
+    return row.lease_until is None or row.lease_until <= utcnow()

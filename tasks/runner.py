@@ -118,8 +118,12 @@ def _run_calls(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
                 provider, job,
                 record_intent=lambda ids, watermark: store.record_note_intent(job, ids, watermark),
                 record_posted=lambda ext, adopted: store.record_note_posted(job, ext, adopted))
-            log.info("note %s on ticket %s", "adopted" if note.adopted else "posted", job.ticket_id,
-                     extra={"job_id": job.id, "step": "post", "note_id": note.external_id})
+            if note.earlier:
+                log.info("note %s already on ticket %s (an earlier attempt's); not posted again", note.external_id,
+                         job.ticket_id, extra={"job_id": job.id, "step": "post", "note_id": note.external_id})
+            else:
+                log.info("note %s on ticket %s", "adopted" if note.adopted else "posted", job.ticket_id,
+                         extra={"job_id": job.id, "step": "post", "note_id": note.external_id})
         if job.target_status_id is None:
             return _finish_without_transition(job, note)
         step = "transition"

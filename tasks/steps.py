@@ -54,6 +54,9 @@ def _ours(note: PostedNote, text: str, visibility: NoteVisibility) -> bool:
 class NoteResult:
     external_id: str
     adopted: bool
+    # Recorded as posted by an earlier execution (a retry after the note step, a reapply):
+    # nothing was posted or looked up this time.
+    earlier: bool = False
 
 
 def post_note_once(provider: Provider, job: ClaimedJob, *,
@@ -62,7 +65,7 @@ def post_note_once(provider: Provider, job: ClaimedJob, *,
     assert job.ticket_id is not None and job.markdown is not None and job.note_visibility is not None
     visibility = NoteVisibility(job.note_visibility)
     if job.note_state == NoteState.POSTED.value and job.note_external_id:
-        return NoteResult(job.note_external_id, adopted=False)
+        return NoteResult(job.note_external_id, adopted=False, earlier=True)
     if job.note_state == NoteState.INTENT.value:
         baseline = set(job.note_baseline_ids)
         # Every note newer than the intent's watermark, however many were added since (an

@@ -324,10 +324,10 @@ def _refusal(job: Any, job_id: int, now: dt.datetime, kind: str | None) -> Claim
         return ClaimRefusal("terminal", job_id, job.state)
     if job.state == JobState.RUNNING.value:
         # A live execution holds it; due_in says when its lease runs out, should it be dead.
-        left = (_aware(job.lease_until) - now).total_seconds() if job.lease_until else 0.0
+        left = (job.lease_until - now).total_seconds() if job.lease_until else 0.0
         return ClaimRefusal("running", job_id, job.state, max(left, 0.0))
-    if _aware(job.next_attempt_at) > now + DUE_TOLERANCE:
-        return ClaimRefusal("not_due", job_id, job.state, (_aware(job.next_attempt_at) - now).total_seconds())
+    if job.next_attempt_at > now + DUE_TOLERANCE:
+        return ClaimRefusal("not_due", job_id, job.state, (job.next_attempt_at - now).total_seconds())
     return ClaimRefusal("blocked", job_id, job.state)
 
 
@@ -579,7 +579,7 @@ def _attempt_columns(job: ClaimedJob, outcome: AttemptOutcome, now: dt.datetime,
                      error: BaseException | str | tuple[str, str] | None, http_status: int | None,
                      step: str | None, started: dt.datetime | None = None) -> dict[str, Any]:
     started = started or job.started_at
-    duration = int((now - _aware(started)).total_seconds() * 1000) if started else None
+    duration = int((now - started).total_seconds() * 1000) if started else None
     psa = job.scratch.get("psa_seconds")
     return dict(outcome=outcome.value, finished_at=now, duration_ms=duration, http_status=http_status, step=step,
                 psa_ms=None if psa is None else int(psa * 1000), **_error_columns(error))
@@ -593,11 +593,6 @@ def _close_attempt(db: DB, job: ClaimedJob, outcome: AttemptOutcome, now: dt.dat
                                                                      A.attempt_no == job.attempt_no))
     _update(db, A, {"job_id": job.id, "attempt_no": job.attempt_no},
             _attempt_columns(job, outcome, now, error, http_status, step, started))
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    # SQLite hands back naive datetimes even for timezone=True columns.
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
 @db_retry

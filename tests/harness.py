@@ -82,16 +82,17 @@ def truncate_all(engine: Any) -> None:
 class WorkerProcess:
     """`celery -A worker worker` as a real subprocess (its own process group)."""
 
-    def __init__(self, env: dict[str, str], *, pool: str = "threads", concurrency: int = 8,
+    def __init__(self, env: dict[str, str], *, pool: str | None = "threads", concurrency: int | None = 8,
                  queues: str = "writeback", beat: bool = False, log_path: Path | None = None,
                  extra: list[str] | None = None, app: str = "worker") -> None:
-        # Celery cannot tell `-P prefork` from its default and then lets the configured
-        # worker_pool (threads) win: say it in the environment too.
-        self.env = {**env, "WORKER_POOL": pool}
+        # pool / concurrency None: leave the flag out (WORKER_POOL / WORKER_CONCURRENCY decide).
+        self.env = dict(env)
         self.log_path = log_path or Path(f"/tmp/pswb-worker-{uuid.uuid4().hex[:8]}.log")
         self.name = f"w{uuid.uuid4().hex[:6]}@%h"
-        self.args = [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool, "-c", str(concurrency),
-                     "-Q", queues, "-n", self.name, "-l", "INFO", "--without-gossip", "--without-mingle"]
+        self.args = [sys.executable, "-m", "celery", "-A", app, "worker"]
+        self.args += ["-P", pool] if pool is not None else []
+        self.args += ["-c", str(concurrency)] if concurrency is not None else []
+        self.args += ["-Q", queues, "-n", self.name, "-l", "INFO", "--without-gossip", "--without-mingle"]
         if beat:
             self.args += ["-B", "-s", str(self.log_path.with_suffix(".beat"))]
         self.args += extra or []

@@ -23,22 +23,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, exists, func, or_, select, update
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from models import AccountSettings, Alert, AlertKind, DeliveryState, JobState, WritebackJob, utcnow
 from models.alerts import close_alerts
 from models.db import session_scope
-from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
 from tasks.retry import jittered_delay
 from tasks.store import db_retry
 from worker import metrics
 from worker.alert_payload import slack_message, summary
 from worker.app import app
+from worker.stuck import stuck_after, stuck_condition
 
 log = logging.getLogger("psa_writeback.alerts")
-
-_TERMINAL = [s.value for s in TERMINAL_STATES]
-_CLAIMABLE = [s.value for s in CLAIMABLE_STATES]
 
 
 def _env_float(name: str, default: float) -> float:
@@ -47,10 +44,6 @@ def _env_float(name: str, default: float) -> float:
 
 def webhook_url() -> str:
     return os.environ.get("ALERT_WEBHOOK_URL", "").strip()
-
-
-def stuck_after() -> dt.timedelta:
-    return dt.timedelta(seconds=_env_float("STUCK_AFTER_SECONDS", 600))
 
 
 # --- raising -----------------------------------------------------------------------------
@@ -250,16 +243,6 @@ def deliver_alert(self, alert_id: int) -> dict[str, Any]:
 
 # --- stuck jobs and the reconciler -----------------------------------------------------------
 
-def stuck_condition(now: dt.datetime) -> Any:
-    """Due (queued/retrying) since before the threshold and not waiting behind an earlier job
-    on the same ticket, or running on a lease that expired before the threshold."""
-    cutoff = now - stuck_after()
-    J, other = WritebackJob, aliased(WritebackJob)
-    behind_earlier = exists().where(other.ticket_key == J.ticket_key, other.id < J.id, other.state.notin_(_TERMINAL))
-    return or_(and_(J.state.in_(_CLAIMABLE), J.next_attempt_at <= cutoff, ~behind_earlier),
-               and_(J.state == JobState.RUNNING.value, J.lease_until <= cutoff))
-
-
 @db_retry
 def find_stuck(limit: int = 200) -> list[tuple[int, str, dt.datetime]]:
     J = WritebackJob
@@ -314,8 +297,7 @@ def run_checks() -> dict[str, int]:
     now = utcnow()
     stuck = 0
     for job_id, state, due_since in find_stuck():
-        waited = int((now - (due_since if due_since.tzinfo else due_since.replace(tzinfo=dt.timezone.utc)))
-                     .total_seconds())
+        waited = int((now - due_since).total_seconds())
         message = (f"job {job_id} is {state} and has been due for {waited}s without starting "
                    f"(threshold {int(stuck_after().total_seconds())}s): is a worker consuming the queue?")
         stuck += raise_for_job(AlertKind.JOB_STUCK, job_id, message, {"due_since": due_since.isoformat()}) is not None

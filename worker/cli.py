@@ -37,7 +37,7 @@ def _fail(args: argparse.Namespace, message: str, code: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from worker import cli_jobs
+    from worker import cli_alerts, cli_jobs
 
     p = argparse.ArgumentParser(prog="psa-writeback", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         k.set_defaults(func=cmd_enqueue)
 
     cli_jobs.add_parser(sub)
+    cli_alerts.add_parser(sub)
 
     d = sub.add_parser("demo", help="run the whole flow against the simulator and print the outcomes")
     d.add_argument("--keep", action="store_true", help="keep the demo database instead of starting fresh")

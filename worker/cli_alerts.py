@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from models import Alert
 from models.db import session_scope
+from worker.cli_format import alert_dict, table
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,8 +45,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from worker.cli_jobs import alert_dict, table
-
     q = select(Alert).order_by(Alert.id.desc()).limit(args.limit)
     for value, column in ((args.kind, Alert.kind), (args.account, Alert.account_id), (args.ticket, Alert.ticket_id),
                           (args.job, Alert.job_id)):

@@ -23,6 +23,9 @@ from sqlalchemy import select
 from models import Alert, JobAction, WritebackAttempt, WritebackJob, utcnow
 from models.db import session_scope
 from tasks.errors import RequestError
+from worker.cli_format import alert_dict, table
+from worker.cli_format import iso as _iso
+from worker.cli_render import render_story
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -77,9 +80,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         if name == "cancel":
             r.add_argument("--reason", default="")
         r.set_defaults(func=cmd_repair, action=name)
-    from worker import cli_alerts
-
-    cli_alerts.add_parser(sub)
 
 
 def job_dict(job: WritebackJob) -> dict[str, Any]:
@@ -110,20 +110,6 @@ def attempt_dict(a: WritebackAttempt) -> dict[str, Any]:
 def action_dict(a: JobAction) -> dict[str, Any]:
     return {"action": a.action, "actor": a.actor, "at": _iso(a.at), "from_state": a.from_state,
             "to_state": a.to_state, "message": a.message}
-
-
-def alert_dict(a: Alert) -> dict[str, Any]:
-    return {"id": a.id, "kind": a.kind, "job_id": a.job_id, "account_id": a.account_id, "provider": a.provider,
-            "connection_id": a.connection_id, "ticket_id": a.ticket_id,
-            "expected_status": [a.expected_status_id, a.expected_status_name],
-            "observed_status": [a.observed_status_id, a.observed_status_name], "message": a.message,
-            "created_at": _iso(a.created_at), "resolved_at": _iso(a.resolved_at), "resolution": a.resolution,
-            "delivery_state": a.delivery_state, "delivery_attempts": a.delivery_attempts,
-            "delivery_status_code": a.delivery_status_code, "delivery_error": a.delivery_error}
-
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat() if value else None
 
 
 def _select(args: argparse.Namespace, states: list[str] | None) -> Any:
@@ -162,8 +148,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _age(now: dt.datetime, iso: str | None) -> str:
     if not iso:
         return "-"
-    value = dt.datetime.fromisoformat(iso)
-    seconds = (now - (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc))).total_seconds()
+    seconds = (now - dt.datetime.fromisoformat(iso)).total_seconds()
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
@@ -203,8 +188,6 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stories if len(stories) > 1 or args.ticket is not None else stories[0], indent=2))
         return 0
-    from worker.cli_render import render_story
-
     print("\n\n".join(render_story(s) for s in stories))
     return 0
 
@@ -244,10 +227,3 @@ def cmd_repair(args: argparse.Namespace) -> int:
         print(f"{args.action}: {done} of {len(results)} job(s) done" +
               ("" if done == len(results) else f"; not done: {', '.join(str(r.job_id) for r in results if not r.ok)}"))
     return 0 if all(r.ok for r in results) else 1
-
-
-def table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [[str(c) if c is not None else "-" for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])

@@ -5,13 +5,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from worker.cli_format import table
+
 
 def _when(iso: str | None) -> str:
     if not iso:
         return "-"
-    value = dt.datetime.fromisoformat(iso)
-    value = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
-    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+    return dt.datetime.fromisoformat(iso).astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
 def _status(pair: list[Any]) -> str:
@@ -78,13 +78,10 @@ def timeline(s: dict[str, Any]) -> list[list[str]]:
 def _instant(iso: str) -> dt.datetime:
     if not iso:
         return dt.datetime.min.replace(tzinfo=dt.timezone.utc)
-    value = dt.datetime.fromisoformat(iso)
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    return dt.datetime.fromisoformat(iso)
 
 
 def render_story(s: dict[str, Any]) -> str:
-    from worker.cli_jobs import table
-
     lines = [f'job {s["id"]} · {s["kind"]} · {s["state"]}']
     lines += [f"  {k:<13}{v}" for k, v in header(s)]
     lines += ["", "timeline (UTC)"]

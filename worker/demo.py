@@ -125,7 +125,7 @@ def _wait(job_ids: list[int], timeout: float) -> list:
 
 
 def _report(rows: list, st) -> int:
-    from worker.cli_jobs import table
+    from worker.cli_format import table
 
     lines, ok = [], True
     for (label, _kind, _t, _f, want_state, want_outcome), job in zip(SCENARIOS, rows):

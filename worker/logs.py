@@ -146,3 +146,50 @@ def install(logger: logging.Logger) -> None:
                 handler.setFormatter(JsonFormatter())
         elif not isinstance(handler.formatter, ContextSuffixFormatter):
             handler.setFormatter(ContextSuffixFormatter(handler.formatter))
+
+
+class UncancellableTaskFilter(logging.Filter):
+    """On a broker connection loss Celery cancels each running acks_late task
+    (worker_cancel_long_running_tasks_on_connection_loss). A pool that cannot stop a running
+    task (threads, solo) makes that a 3-line "Terminating it instead" warning, which is not
+    true, and a "Failed to cancel" warning with a ~100-line NotImplementedError traceback,
+    per running task. This keeps one true warning line per task instead. Installed on
+    Celery's consumer logger only for such pools (worker.signals, worker_init)."""
+
+    def __init__(self, pool_name: str) -> None:
+        super().__init__()
+        from celery.worker.consumer.consumer import TERMINATING_TASK_ON_RESTART_AFTER_A_CONNECTION_LOSS
+
+        self.pool_name = pool_name
+        self.terminating = TERMINATING_TASK_ON_RESTART_AFTER_A_CONNECTION_LOSS
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == self.terminating:  # one per running task: say what really happens
+            request = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            record.msg = ("broker connection lost while task %s (%s) was running: the %s pool cannot stop it, so it "
+                          "runs to the end and its job row records the outcome (a redelivered message finds the job "
+                          "finished)")
+            record.args = (getattr(request, "id", "?"), getattr(request, "name", "?"), self.pool_name)
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        # The pool's "cannot terminate" that follows: the line above said it already.
+        return not (isinstance(exc, NotImplementedError)
+                    and str(record.msg).startswith("Failed to cancel active request"))
+
+
+def quiet_uncancellable_tasks(pool_cls: Any) -> bool:
+    """Install UncancellableTaskFilter if this worker's pool cannot terminate a running task."""
+    from celery import concurrency
+    from celery.concurrency import solo, thread
+
+    pool = concurrency.get_implementation(pool_cls)
+    # Prefork sets terminate_job on the instance once started, so the class cannot be asked:
+    # name the pools that run tasks in the worker's own process and cannot stop one.
+    names = {thread.TaskPool: "threads", solo.TaskPool: "solo"}
+    name = next((n for cls, n in names.items() if isinstance(pool, type) and issubclass(pool, cls)), None)
+    if name is None:
+        return False
+    target = logging.getLogger("celery.worker.consumer.consumer")
+    if not any(isinstance(f, UncancellableTaskFilter) for f in target.filters):
+        target.addFilter(UncancellableTaskFilter(name))
+    return True

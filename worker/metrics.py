@@ -5,14 +5,14 @@ Two sources, two processes (both in the Procfile):
 - **The worker** counts what happens inside it (writebacks, verification failures, retries,
   PSA call latency, alerts) and serves those on METRICS_PORT (started at worker_init when
   the variable is set). The threads pool is one process, so a plain registry is exact. If
-  the worker runs a pool with child processes (WORKER_POOL=prefork), set
+  the worker runs a pool with child processes (-P prefork, or WORKER_POOL=prefork), set
   PROMETHEUS_MULTIPROC_DIR: the children write their samples there and the parent's
   endpoint merges them (prometheus_client multiprocess mode).
 - **`python -m worker.metrics`** (`psa-writeback metrics`) serves facts about the whole
   deployment, computed from the database at scrape time: jobs waiting by state, the age of
   the oldest due job, stuck jobs, open alerts, undelivered webhooks, and the broker's queue
   lengths (tasks.sweeper's count). Run one; N workers each exporting the same queue depth
-  would be summed wrongly.
+  would be summed wrongly. Port QUEUE_METRICS_PORT, address QUEUE_METRICS_ADDR (or --port/--addr).
 
 Counters are per worker process: aggregate with sum() across workers in PromQL.
 """
@@ -174,24 +174,19 @@ class QueueSnapshot:
 
 
 def queue_snapshot() -> QueueSnapshot:
-    import datetime as dt
-
     from sqlalchemy import func, select
 
     from models import Alert, AlertKind, DeliveryState, WritebackJob, utcnow
     from models.db import session_scope
-    from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
-    from worker.alerts import stuck_condition  # imports this module: keep it out of import time
+    from worker.stuck import CLAIMABLE, TERMINAL, stuck_condition
 
-    _TERMINAL, _CLAIMABLE = [s.value for s in TERMINAL_STATES], [s.value for s in CLAIMABLE_STATES]
     J, now = WritebackJob, utcnow()
     snap = QueueSnapshot()
     with session_scope() as db:
-        snap.depth = dict(db.execute(select(J.state, func.count()).where(J.state.notin_(_TERMINAL))
+        snap.depth = dict(db.execute(select(J.state, func.count()).where(J.state.notin_(TERMINAL))
                                      .group_by(J.state)).all())
-        oldest = db.scalar(select(func.min(J.next_attempt_at)).where(J.state.in_(_CLAIMABLE), J.next_attempt_at <= now))
+        oldest = db.scalar(select(func.min(J.next_attempt_at)).where(J.state.in_(CLAIMABLE), J.next_attempt_at <= now))
         if oldest is not None:
-            oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=dt.timezone.utc)
             snap.oldest_due_age = max(0.0, (now - oldest).total_seconds())
         snap.stuck = db.scalar(select(func.count()).select_from(J).where(stuck_condition(now))) or 0
         snap.open_alerts = {k.value: 0 for k in AlertKind}
@@ -219,7 +214,10 @@ def serve(port: int, addr: str = "0.0.0.0") -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="psa-writeback metrics", description="Serve queue metrics from the database.")
     parser.add_argument("--port", type=int, default=int(os.environ.get("QUEUE_METRICS_PORT", "9809")))
-    parser.add_argument("--addr", default=os.environ.get("METRICS_ADDR", "0.0.0.0"))
+    # All interfaces by default: Prometheus scrapes from another host or container. The
+    # gauges are counts (no tenant data), but set QUEUE_METRICS_ADDR (or --addr) to bind one
+    # interface where the port is reachable from places that should not see them.
+    parser.add_argument("--addr", default=os.environ.get("QUEUE_METRICS_ADDR", "").strip() or "0.0.0.0")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     serve(args.port, args.addr)

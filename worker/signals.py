@@ -38,11 +38,13 @@ def _log_finished(*, job_id: int, kind: str, state: str, result: dict[str, Any] 
                   error_message: str | None = None, **_: Any) -> None:
     result = result or {}
     status = result.get("status") or {}
-    if state == "succeeded" and status.get("verified_at"):
-        log.info("status verified: expected %s (%s), observed %s (%s)", status.get("expected_id"),
-                 status.get("expected_name"), status.get("observed_id"), status.get("observed_name"),
-                 extra={"job_id": job_id, "step": "verify", "expected_status_id": status.get("expected_id"),
-                        "observed_status_id": status.get("observed_id")})
+    if status:  # the ticket was re-read: one verify line, whatever it showed (grep step=verify)
+        verified = state == "succeeded" and bool(status.get("verified_at"))
+        log.log(logging.INFO if verified else logging.WARNING, "status %s: expected %s (%s), observed %s (%s)",
+                "verified" if verified else "did not verify", status.get("expected_id"), status.get("expected_name"),
+                status.get("observed_id"), status.get("observed_name"),
+                extra={"job_id": job_id, "step": "verify", "expected_status_id": status.get("expected_id"),
+                       "observed_status_id": status.get("observed_id")})
     # The job's one outcome line (the runner does not log failures itself), with the reason
     # when it did not succeed. WARNING, not ERROR: the page-worthy line is the alert's
     # ("ALERT ...", step=alert).
@@ -175,6 +177,8 @@ def _redact_received(request: Any = None, **_: Any) -> None:
 def _worker_started(sender: Any = None, **_: Any) -> None:
     metrics.clean_multiprocess_dir()
     metrics.start_worker_server()
+    if sender is not None and getattr(sender, "pool_cls", None) is not None:
+        logs.quiet_uncancellable_tasks(sender.pool_cls)  # broker loss under threads: one line per task
     # A task-sent event carries saferepr(kwargs) built by the publisher, out of reach of the
     # redaction above. The worker publishes only retries, alert deliveries and wake-ups; a
     # retry of a message sent by name with the intent re-sends the markdown, and Flower would

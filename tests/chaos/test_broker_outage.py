@@ -81,3 +81,31 @@ def test_retry_publish_fails_while_redis_is_down_and_the_sweeper_brings_it_back(
     # ("Unrecoverable error: AttributeError ... 'hostname'", see tasks.writeback)
     assert w.alive() and "Unrecoverable error" not in w.log_text()
     assert w.log_text().count("Connected to redis://") >= 2
+
+
+def test_broker_lost_under_threads_logs_one_warning_line_per_running_task(world, chaos):
+    # given a threads worker with three jobs in flight, each waiting 4 s on the PSA
+    world.sim.state.add_fault(action="delay", operation="get_ticket", seconds=4, times=3)
+    w = chaos.worker(concurrency=4, env={"PSA_READ_TIMEOUT": "8", "JOB_LEASE_SECONDS": "30"}).start()
+    mark = w.mark()
+    jobs = [enqueue_transition(None, world.session(t), RESOLVED) for t in (8201, 8202, 8203)]
+    wait_for(lambda: world.sim.state.calls["get_ticket"] >= 3, timeout=20, message="three reads in flight")
+    # when Redis dies under them (and comes back)
+    chaos.broker.kill()
+    lost = "broker connection lost while task"
+    wait_for(lambda: w.log_text(mark).count(lost) >= 3, timeout=20, message="the worker to notice")
+    chaos.broker.start()
+    # then the jobs run to the end (a thread cannot be stopped) ...
+    for job_id in jobs:
+        assert wait_terminal(job_id, timeout=60).state == "succeeded"
+    wait_for(lambda: w.log_text(mark).count("Connected to redis://") >= 1, timeout=30, message="the reconnect")
+    # ... and the log says so in one warning line per running task: no traceback, no
+    # "Terminating it instead" (it is not terminated)
+    log = w.log_text(mark)
+    lines = [ln for ln in log.splitlines() if lost in ln]
+    assert len(lines) == 3, lines
+    for line in lines:
+        assert "WARNING" in line and "writeback.transition_status" in line and "the threads pool cannot stop it" in line
+    assert "does not implement kill_job" not in log
+    assert "Traceback" not in log and "Terminating it instead" not in log
+    assert len({ln.split(lost)[1].split()[0] for ln in lines}) == 3  # one per task, each its own id

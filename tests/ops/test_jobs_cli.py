@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 
 import pytest
 from sqlalchemy import select, update
@@ -147,21 +148,42 @@ def test_reverify_marks_the_job_verified_without_posting_or_patching_again(world
     assert _alerts(job_id)[0].resolved_at is not None
 
 
+def _job_lines(worker, job_id: int, since: int) -> list[str]:
+    return [ln for ln in worker.log_text(since).splitlines() if re.search(rf"\bjob_id={job_id}\b", ln)]
+
+
 def test_reverify_of_a_still_wrong_ticket_keeps_the_failure_unless_reapplied(world, repair_worker, ops_client, cli):
     st = world.sim.state
+    mark = repair_worker.mark()
     job_id = submit(ops_client, "resolve", world.session(9301, reject_status_changes=True), "Fixed DNS.")
     assert wait_terminal(job_id).state == "verification_failed"
+    # the failure that matters most has its verify line (grep step=verify), at WARNING
+    verify = wait_for(lambda: [ln for ln in _job_lines(repair_worker, job_id, mark) if "step=verify" in ln],
+                      message="the verify line of the failed verification")
+    assert len(verify) == 1 and "WARNING" in verify[0], verify
+    assert "status did not verify: expected 9 (Resolved), observed 1 (New)" in verify[0]
+    assert "expected_status_id=9 observed_status_id=1" in verify[0]
     still = cli("jobs", "reverify", str(job_id))
     assert still.returncode == 1 and "still shows 1 (New), expected 9" in still.stderr
     assert job(job_id).state == "verification_failed"
     # the board's required field was filled in: PATCH again (the note is not posted twice)
     with st.lock:
         st.tickets[9301]["reject_status_changes"] = False
+    mark = repair_worker.mark()
     assert cli("jobs", "reverify", str(job_id), "--reapply").returncode == 0
     j = wait_for(lambda: (x := job(job_id)).state == "succeeded" and x, message="reapplied job verified")
     assert j.observed_status_id == RESOLVED
     assert len(st.notes(9301)) == 1 and st.tickets[9301]["patches"] == 2
     assert [a.action for a in actions(job_id)] == ["reverify", "reapply"]
+    # the log says what happened: the note was already there and was not posted again
+    lines = wait_for(lambda: (x := _job_lines(repair_worker, job_id, mark)) and any("step=outcome" in ln for ln in x)
+                     and x, message="the reapplied execution's lines")
+    [post] = [ln for ln in lines if "step=post" in ln]
+    note_id = j.note_external_id
+    assert f"note {note_id} already on ticket 9301 (an earlier attempt's); not posted again" in post, post
+    assert "note posted" not in "\n".join(lines)
+    [verified] = [ln for ln in lines if "step=verify" in ln]
+    assert "INFO" in verified and "status verified: expected 9 (Resolved), observed 9 (Resolved)" in verified
 
 
 def test_reverify_refuses_a_deactivated_connection_without_calling_the_psa(world, cli):

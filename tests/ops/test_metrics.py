@@ -95,7 +95,7 @@ def test_procfile_metrics_process_reports_queue_depth_and_oldest_due_age(world, 
     # when the Procfile's `metrics` process runs and is scraped
     port = free_port()
     proc = subprocess.Popen(procfile_command("metrics"), cwd=ROOT,
-                            env=procfile_env(ops_broker, QUEUE_METRICS_PORT=str(port), METRICS_ADDR="127.0.0.1",
+                            env=procfile_env(ops_broker, QUEUE_METRICS_PORT=str(port), QUEUE_METRICS_ADDR="127.0.0.1",
                                              STUCK_AFTER_SECONDS="120"),
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "metrics.log", "wb"))
     try:
@@ -116,6 +116,27 @@ def test_procfile_metrics_process_reports_queue_depth_and_oldest_due_age(world, 
     client.delete(*[os.environ.get("CELERY_REDIS_KEY_PREFIX", "") + name
                     for name in ["drafting"] + [f"drafting\x06\x16{step}" for step in (3, 6, 9)]])
     assert ("psa_writeback_open_alerts", frozenset({("kind", "verification_failed")})) in s
+
+
+def test_procfile_metrics_process_binds_the_address_it_is_given(ops_broker, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(procfile_command("metrics"), cwd=ROOT,
+                            env=procfile_env(ops_broker, QUEUE_METRICS_PORT=str(port), QUEUE_METRICS_ADDR="127.0.0.2"),
+                            stdout=open(tmp_path / "metrics.out", "wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.2:{port}/metrics"), timeout=20, message="metrics on 127.0.0.2")
+        assert not _answers(f"http://127.0.0.1:{port}/metrics")  # only the address named
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert f"psa-writeback metrics on http://127.0.0.2:{port}/metrics" in (tmp_path / "metrics.out").read_text()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=15).status_code == 200
+    except requests.ConnectionError:
+        return False
 
 
 def _try_scrape(port: int) -> Samples | None:
