@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, aliased
 from models import AccountSettings, Alert, AlertKind, DeliveryState, JobState, WritebackJob, utcnow
 from models.alerts import close_alerts
 from models.db import session_scope
+from models.limits import clamp
 from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
 from tasks.retry import jittered_delay
 from tasks.store import db_retry
@@ -108,6 +109,7 @@ def _insert_or_ignore(db: Session, values: dict[str, Any]) -> int | None:
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
+    values = clamp(Alert.__table__, values)  # vendor status names are stored cut, never fail the insert
     return db.execute(insert(Alert).values(**values).on_conflict_do_nothing().returning(Alert.id)).scalar()
 
 
