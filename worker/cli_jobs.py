@@ -23,6 +23,7 @@ from sqlalchemy import select
 from models import Alert, JobAction, WritebackAttempt, WritebackJob, utcnow
 from models.db import session_scope
 from tasks.errors import RequestError
+from worker.safetext import one_line
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -235,7 +236,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         result = ops[args.action](job_id)
         results.append(result)
         mark = "ok" if result.ok else "not done"
-        print(f"[{n}/{len(ids)}] job {job_id}: {args.action} {mark} ({result.state}): {result.message}",
+        print(f"[{n}/{len(ids)}] job {job_id}: {args.action} {mark} ({result.state}): {one_line(result.message)}",
               file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
@@ -247,7 +248,9 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [[str(c) if c is not None else "-" for c in row] for row in rows]
+    # Cells hold vendor strings (status names, PSA error messages): one line each, with no
+    # control character reaching the operator's terminal raw (an ESC could drive it).
+    cells = [[one_line(c) if c is not None else "-" for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from worker.safetext import one_line
+
 
 def _when(iso: str | None) -> str:
     if not iso:
@@ -86,7 +88,7 @@ def render_story(s: dict[str, Any]) -> str:
     from worker.cli_jobs import table
 
     lines = [f'job {s["id"]} · {s["kind"]} · {s["state"]}']
-    lines += [f"  {k:<13}{v}" for k, v in header(s)]
+    lines += [f"  {k:<13}{one_line(v)}" for k, v in header(s)]  # vendor strings: no raw control characters
     lines += ["", "timeline (UTC)"]
     lines.append(table(["time", "event", "#", "outcome", "took", "http", "detail"], timeline(s)))
     return "\n".join(lines)
