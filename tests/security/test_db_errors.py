@@ -96,3 +96,14 @@ def test_a_database_error_never_puts_the_note_in_error_message_logs_or_the_task_
     assert broken_session_column in log
     # the note itself did land once (nothing posted twice)
     assert len(world.sim.state.notes(7102)) == 1
+
+
+def test_note_ids_too_long_for_their_column_never_fail_the_note_step():
+    from providers.base import PostedNote
+    from tasks.steps import _note_order, _watermark
+
+    huge = "9" * 5000  # longer than int() accepts, and than note_watermark_id holds
+    notes = [PostedNote("12", "a", None), PostedNote(huge, "b", None)]
+    assert _watermark(notes) is None  # no paging by a watermark the column cannot hold
+    assert sorted(notes, key=_note_order)[0].id == huge  # ordered, not a ValueError
+    assert _watermark([PostedNote("12", "a", None), PostedNote("7", "b", None)]) == "12"
