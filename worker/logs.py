@@ -169,11 +169,14 @@ class ContextSuffixFormatter(logging.Formatter):
         self.inner = inner or logging.Formatter("[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        # A copy, so another handler of the same record formats the original.
-        line = logging.makeLogRecord(record.__dict__)
-        line.msg, line.args = one_line(record.getMessage()), None
-        if record.exc_info:
-            line.exc_text = format_exception(record.exc_info[1])
+        message = record.getMessage()
+        line = record
+        if one_line(message) is not message or record.exc_info:
+            # A copy, so another handler of the same record formats the original.
+            line = logging.makeLogRecord(record.__dict__)
+            line.msg, line.args = one_line(message), None
+            if record.exc_info:
+                line.exc_text = format_exception(record.exc_info[1])
         text = self.inner.format(line)
         pairs = [_pair(n, getattr(record, n)) for n in CONTEXT_FIELDS + EXTRA_FIELDS
                  if getattr(record, n, None) is not None and n != "task_name"]
