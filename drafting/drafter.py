@@ -5,7 +5,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from drafting import formats, prompting
+from drafting import content, formats, prompting
 from drafting.client import ModelReply, Usage, ask
 from drafting.config import DraftConfig
 from drafting.errors import FormatProblem, InvalidDraft
@@ -24,26 +24,27 @@ class Draft:
 def draft(cfg: DraftConfig, kind: DraftKind, state: SessionState, usage: Usage, *, context: str = "") -> Draft:
     system = prompting.system_prompt(kind)
     messages = prompting.first_messages(kind, state, cfg.max_transcript_chars)
+    hosts = content.session_hosts(state.texts())  # the hosts a customer note may link to
     reply = ask(cfg, system, messages, usage, context=context)
     try:
-        return Draft(accept(cfg, kind, reply), asks=1)
+        return Draft(accept(cfg, kind, reply, hosts), asks=1)
     except FormatProblem as err:
         problem = str(err)
     log.info("draft %s: reply rejected (%s); asking once more", context, problem)
     reply = ask(cfg, system, reask_messages(kind, messages, reply, problem), usage, context=context)
     try:
-        return Draft(accept(cfg, kind, reply), asks=2)
+        return Draft(accept(cfg, kind, reply, hosts), asks=2)
     except FormatProblem as err:
         label = prompting.KIND_LABELS[kind]
         raise InvalidDraft(f"the {label} did not follow the required format, even after one re-ask: {err}") from None
 
 
-def accept(cfg: DraftConfig, kind: DraftKind, reply: ModelReply) -> str:
+def accept(cfg: DraftConfig, kind: DraftKind, reply: ModelReply, hosts: frozenset[str] = frozenset()) -> str:
     if reply.stop_reason == "max_tokens":
         raise FormatProblem(f"the reply was cut off at the {cfg.max_tokens}-token limit; it must be shorter")
     if reply.stop_reason == "refusal":
         raise FormatProblem("the reply was a refusal, not the note")
-    return formats.check(kind, reply.text)
+    return formats.check(kind, reply.text, hosts)
 
 
 def reask_messages(kind: DraftKind, messages: list[dict[str, Any]], reply: ModelReply,

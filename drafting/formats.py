@@ -19,6 +19,9 @@ Resolution note (customer-facing, plain text with three bold labels, no headings
 Exactly those three labels, in that order, each starting a line, none empty, nothing
 before `**Issue:**`, no headings, at most RESOLUTION_MAX_CHARS characters.
 
+Both: what the text may contain (images, raw HTML, links) is drafting.content's check,
+made on every reply after its shape.
+
 `check()` returns the normalised Markdown or raises FormatProblem, whose message is
 what the re-ask shows the model (and what a failed draft records).
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import re
 
+from drafting import content
 from drafting.errors import FormatProblem
 from models.drafts import DraftKind
 from tasks import validation as v
@@ -41,11 +45,19 @@ _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 _LABEL = re.compile(r"^\*\*([^*\n]{1,40}?)(?::\*\*|\*\*[ \t]*:)[ \t]*(.*)$")
 
 
-def check(kind: DraftKind, text: str) -> str:
+def check(kind: DraftKind, text: str, allowed_hosts: frozenset[str] = frozenset()) -> str:
+    """`allowed_hosts`: the hosts a resolution note may link to, those the session's own
+    text mentions (drafting.content.session_hosts)."""
     text = (text or "").replace("\r\n", "\n").strip()
     if not text:
         raise FormatProblem("the reply is empty")
-    markdown = check_escalation(text) if kind is DraftKind.ESCALATION else check_resolution(text)
+    try:
+        markdown = check_escalation(text) if kind is DraftKind.ESCALATION else check_resolution(text)
+    except FormatProblem as err:
+        # One re-ask: name what the content check finds too, so the model can fix it all at once.
+        raise FormatProblem("; ".join([str(err), *content.problems(kind, text, allowed_hosts)])) from None
+    if found := content.problems(kind, markdown, allowed_hosts):
+        raise FormatProblem("; ".join(found) + ".")
     try:
         return v.markdown(markdown)  # the same rules the writeback applies when it is posted
     except RequestError as err:

@@ -21,7 +21,7 @@ from typing import Any
 from drafting.state import SessionState, render_session
 from models.drafts import DraftKind
 
-PROMPT_VERSION = "v1"
+PROMPT_VERSION = "v2"
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 TEMPLATES = ("common", "resolution", "escalation", "request", "reask")
 KIND_LABELS = {DraftKind.RESOLUTION: "resolution note", DraftKind.ESCALATION: "escalation package"}

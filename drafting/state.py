@@ -35,6 +35,10 @@ class SessionState:
     ticket_description: str
     turns: tuple[Turn, ...]
 
+    def texts(self) -> list[str]:
+        """Everything the session says, as written (what a customer note may refer to)."""
+        return [self.title, self.ticket_summary, self.ticket_description, *(t.content for t in self.turns)]
+
     def canonical(self) -> dict[str, Any]:
         return {"title": self.title, "ticket_summary": self.ticket_summary,
                 "ticket_description": self.ticket_description,

@@ -65,7 +65,7 @@ def _configure_sqlite(engine: Engine) -> None:
 def make_engine(url: str | None = None, *, pool_size: int | None = None) -> Engine:
     url = normalize_url(url) if url else database_url()
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True)
         _configure_sqlite(engine)
         return engine
     size = pool_size or int(os.environ.get("DB_POOL_SIZE", "10"))
@@ -74,9 +74,31 @@ def make_engine(url: str | None = None, *, pool_size: int | None = None) -> Engi
         pool_size=size,
         max_overflow=int(os.environ.get("DB_MAX_OVERFLOW", "5")),
         pool_recycle=1800,
+        # A statement's parameters are note markdown and vendor strings: an error's text
+        # must never carry them into a log line, a job's error_message or Flower.
+        hide_parameters=True,
     )
     _ping_when_idle(engine, float(os.environ.get("DB_POOL_PING_IDLE_SECONDS", "1")))
     return engine
+
+
+def describe_error(err: BaseException) -> str:
+    """What a database error was, without its text: `DataError (StringDataRightTruncation,
+    SQLSTATE 22001)`. PostgreSQL's message and DETAIL quote values ("Failing row contains
+    (...)" carries a whole row, note markdown included) and SQLAlchemy's adds the statement,
+    so neither goes into an error_message, a log line or a task result."""
+    orig = getattr(err, "orig", None)
+    code = getattr(orig, "pgcode", None) or getattr(orig, "sqlite_errorname", None)
+    inner = [type(orig).__name__] if orig is not None else []
+    if code:
+        inner.append(f"SQLSTATE {code}" if getattr(orig, "pgcode", None) else code)
+    return f"{type(err).__name__} ({', '.join(inner)})" if inner else type(err).__name__
+
+
+def is_db_error(err: BaseException) -> bool:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return isinstance(err, SQLAlchemyError) or type(err).__module__.startswith(("psycopg2", "sqlite3"))
 
 
 def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:

@@ -47,3 +47,14 @@ class WorkerLost(Exception):
 class PoisonMessage(Exception):
     """A task message that can never be executed (its job row is gone, or it names a job
     of another kind). Raised so Flower shows FAILURE with the reason; never retried."""
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached; the task retries. Carries only the error's type
+    and SQLSTATE (models.db.describe_error): a driver's text can quote the statement's values."""
+
+
+class DatabaseFailure(Exception):
+    """A database error a task could not handle, named by type, SQLSTATE and where it was
+    raised, without its text (see DatabaseUnavailable). Raised `from None`, so neither the
+    log nor Flower's traceback shows the original."""

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from models import AiSession, Alert, AlertKind, JobAction, JobState, NoteState, PsaConnection, WritebackJob, utcnow
 from models.alerts import close_alerts
 from models.db import session_scope
+from models.limits import clamp
 from models.enums import CLAIMABLE_STATES
 from providers import provider_for
 from providers.base import Credentials
@@ -173,23 +174,24 @@ def reverify(job_id: int, *, actor: str | None = None, reapply: bool = False, bu
                           verified_at=now.isoformat())
             result = dict(t.result, outcome="verified", status=status, reverified_by=actor)
             res = db.execute(update(J).where(J.id == job_id, J.state == JobState.VERIFICATION_FAILED.value).values(
-                state=JobState.SUCCEEDED.value, verified_at=now, observed_status_id=ticket.status_id,
-                observed_status_name=ticket.status_name, error_type=None, error_message=None, result=result,
-                updated_at=now))
+                **clamp(J.__table__, dict(state=JobState.SUCCEEDED.value, verified_at=now,
+                                          observed_status_id=ticket.status_id, observed_status_name=ticket.status_name,
+                                          error_type=None, error_message=None, result=result, updated_at=now))))
             if res.rowcount != 1:
                 return RepairResult(job_id, "reverify", False, job.state, f"job changed while we looked (now {job.state})")
             values: dict[str, Any] = {"psa_status_id": ticket.status_id, "psa_status_name": ticket.status_name,
                                       "psa_status_verified_at": now, "updated_at": now}
             if done := _DONE_STATUS.get(t.kind):
                 values["status"] = done.value
-            db.execute(update(AiSession).where(AiSession.id == t.session_id).values(**values))
+            db.execute(update(AiSession).where(AiSession.id == t.session_id).values(**clamp(AiSession.__table__, values)))
             message = f"ticket {t.ticket_id} now shows {observed}: verified without posting or patching again"
             _action(db, job, "reverify", actor, JobState.VERIFICATION_FAILED.value, JobState.SUCCEEDED.value, message)
             close_alerts(db, Alert.job_id == job_id, Alert.kind == AlertKind.VERIFICATION_FAILED.value,
                          resolution=f"re-verified by {actor}")
             return RepairResult(job_id, "reverify", True, JobState.SUCCEEDED.value, message)
         db.execute(update(J).where(J.id == job_id, J.state == JobState.VERIFICATION_FAILED.value).values(
-            observed_status_id=ticket.status_id, observed_status_name=ticket.status_name, updated_at=now))
+            **clamp(J.__table__, dict(observed_status_id=ticket.status_id, observed_status_name=ticket.status_name,
+                                      updated_at=now))))
         message = f"ticket {t.ticket_id} still shows {observed}, expected {t.target}"
         if not reapply:
             _action(db, job, "reverify", actor, JobState.VERIFICATION_FAILED.value,

@@ -15,6 +15,7 @@ from typing import Any
 
 from models import AttemptOutcome, JobState, SessionStatus, utcnow
 from models.crypto import ConfigurationError
+from models.db import describe_error, is_db_error
 from providers import provider_for
 from providers.errors import PsaAuthError, PsaError, PsaRateLimited
 from providers.http import add_gate, add_observer
@@ -140,6 +141,16 @@ def _run_calls(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
     except Exception as err:
         if store.transient_db_error(err):
             raise  # the database is away: the lease and the sweeper bring the job back
+        if is_db_error(err):
+            # Its text can quote the statement's values (the note's markdown, a whole row in
+            # a DETAIL line): the message and the log name the error only. The outcome
+            # write may be what failed, so the failure is recorded without the session's
+            # columns (the note's id stays on the job row).
+            what = describe_error(err)
+            log.error("job %s: database error in the %s step: %s", job.id, step, what,
+                      extra={"job_id": job.id, "step": step})
+            return _fail(job, f"database error in the {step} step: {what} (its text is not recorded: it can "
+                              "quote the note)", err, step, record_session=False)
         # A bug or a row no code path expects: retrying would fail the same way, so stop
         # now with the reason rather than loop until the attempts run out.
         log.exception("job %s: unexpected error in the %s step", job.id, step, extra={"job_id": job.id})
@@ -227,10 +238,10 @@ def _defer(job: ClaimedJob, err: PsaError, step: str) -> Outcome:
     return Outcome(job.id, "retry", str(err), delay=delay)
 
 
-def _fail(job: ClaimedJob, message: str, err: BaseException, step: str) -> Outcome:
+def _fail(job: ClaimedJob, message: str, err: BaseException, step: str, *, record_session: bool = True) -> Outcome:
     result = {"outcome": "failed", "error": {"type": type(err).__name__, "message": message[:2000]}}
     store.finish(job, JobState.FAILED, AttemptOutcome.FAILED, result=result, error=(type(err).__name__, message),
-                 step=step, http_status=getattr(err, "status_code", None))
+                 step=step, http_status=getattr(err, "status_code", None), record_session=record_session)
     return _done(job, JobState.FAILED, result, message)
 
 

@@ -93,13 +93,19 @@ def _watermark(recent: list[PostedNote]) -> str | None:
     """The newest note id before our first POST ("0": no notes yet), when ids are integers
     (they only grow, so everything after it was posted after our listing); otherwise None,
     and a reconcile looks among the most recent notes."""
-    if not all(n.id.isdigit() for n in recent):
+    if not all(_numeric(n.id) for n in recent):
         return None
     return str(max((int(n.id) for n in recent), default=0))
 
 
+def _numeric(note_id: str) -> bool:
+    # A PSA chooses its ids: one longer than the column that stores a watermark (64) is no
+    # integer id we can page by (and int() refuses strings of over 4,300 digits).
+    return note_id.isdigit() and len(note_id) <= 64
+
+
 def _note_order(note: PostedNote) -> tuple[int, str]:
-    return (int(note.id), "") if note.id.isdigit() else (0, note.id)
+    return (int(note.id), "") if _numeric(note.id) else (0, note.id)
 
 
 @dataclass(frozen=True)

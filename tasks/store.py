@@ -27,6 +27,7 @@ from models.crypto import ConfigurationError
 from models.db import get_engine, session_scope, transaction
 from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
 from models.jobs import ERROR_MESSAGE_LIMIT
+from models.limits import clamp
 from providers.base import Credentials
 from providers.http import timeouts
 from tasks.errors import LeaseLost
@@ -366,6 +367,7 @@ def _update(db: DB, model: Any, where: dict[str, Any], values: dict[str, Any], e
     run several times per job, and constructing them with SQLAlchemy cost more CPU than
     the rest of the job's database work. SQL expressions as values take the portable path."""
     table = model.__table__
+    values = clamp(table, values)  # a vendor string too long for its column is stored cut
     if _portable(db, values):
         stmt = update(model).where(*(table.c[k] == v for k, v in where.items()))
         if extra:
@@ -465,12 +467,17 @@ def _session_note_columns(kind: str) -> tuple[str, str, str] | None:
 @db_retry
 def finish(job: ClaimedJob, state: JobState, outcome: AttemptOutcome, *, result: dict[str, Any],
            session_values: dict[str, Any] | None = None, error: BaseException | str | tuple[str, str] | None = None,
-           http_status: int | None = None, step: str | None = None, **job_values: Any) -> None:
+           http_status: int | None = None, step: str | None = None, record_session: bool = True,
+           **job_values: Any) -> None:
     """The terminal write: job state + result, session columns, the attempt's outcome.
     Leaves the ticket's next live job in job.scratch["next"] ((id, kind) or None), read in
-    the same transaction, also when our own earlier try had recorded the outcome already."""
+    the same transaction, also when our own earlier try had recorded the outcome already.
+    record_session=False leaves the session's columns alone (a failure recorded after a
+    database error, which may have been the session write itself)."""
     now = utcnow()
     note_job, note_session = _note_values(job)
+    if not record_session:
+        note_session, session_values = {}, None
     job_columns = {"updated_at": now, "state": state.value, "result": result, "finished_at": now, "lease_until": None,
                    **_error_columns(error), **note_job, **job_values}
     session_columns = {**note_session, **(session_values or {})}
@@ -492,6 +499,11 @@ def _finish_pg(db: DB, job: ClaimedJob, state: JobState, job_columns: dict[str, 
     ticket's next live job. Returns that next job, (id, kind) or None, also when our own
     earlier try already recorded this outcome (then nothing is written)."""
     job_where, attempt_where = {"id": job.id, "claimed_by": job.token}, {"job_id": job.id, "attempt_no": job.attempt_no}
+    # Vendor strings (status names, note ids) too long for their columns are stored cut:
+    # an overflow here would fail the outcome of a job whose note and status both landed.
+    job_columns = clamp(WritebackJob.__table__, job_columns)
+    attempt_columns = clamp(WritebackAttempt.__table__, attempt_columns)
+    session_columns = clamp(AiSession.__table__, session_columns)
     if_job = "EXISTS (SELECT 1 FROM j)"
     parts = [f"j AS ({_update_sql('writeback_jobs', job_columns, job_where, _OWNED, 'j')} RETURNING id)",
              f"a AS ({_update_sql('writeback_attempts', attempt_columns, attempt_where, if_job, 'a')})"]

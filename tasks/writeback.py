@@ -15,11 +15,11 @@ from celery import Task
 from sqlalchemy import select
 
 from models import JobKind, WritebackJob
-from models.db import session_scope
+from models.db import describe_error, session_scope
 from tasks import runner, store, sweeper
 from tasks import validation as v
 from tasks.enqueue import build_job, publish
-from tasks.errors import JobFailed, PoisonMessage, RequestError, VerificationFailed
+from tasks.errors import DatabaseUnavailable, JobFailed, PoisonMessage, RequestError, VerificationFailed
 from worker.app import app
 
 log = logging.getLogger("psa_writeback.tasks")
@@ -78,10 +78,11 @@ def run_job(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any, inten
             raise
         # The database is unreachable (db_retry already waited): come back later. Whatever
         # this execution had claimed stays leased, so the retry (or the sweeper) resumes it.
-        log.warning("database unavailable for %s (%s); retrying the message", task.name, type(err).__name__)
+        log.warning("database unavailable for %s (%s); retrying the message", task.name, describe_error(err))
         ids_only = {"args": (), "kwargs": {"job_id": resolved}} if resolved is not None else {}
-        raise task.retry(countdown=min(db_outage_countdown(), max_countdown()), exc=err, max_retries=None,
-                         **ids_only)
+        # The retry's reason (logged, and shown by Flower) names the error, never its text.
+        raise task.retry(countdown=min(db_outage_countdown(), max_countdown()), max_retries=None,
+                         exc=DatabaseUnavailable(describe_error(err)), **ids_only) from None
     refused = outcome.result.get("refused")
     if refused == "missing":
         raise PoisonMessage(f"job {job_id} does not exist (deleted after it was published?); nothing to do")

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from models import AccountSettings, Alert, AlertKind, DeliveryState, JobState, WritebackJob, utcnow
 from models.alerts import close_alerts
 from models.db import session_scope
+from models.limits import clamp
 from tasks.retry import jittered_delay
 from tasks.store import db_retry
 from worker import metrics
@@ -101,6 +102,7 @@ def _insert_or_ignore(db: Session, values: dict[str, Any]) -> int | None:
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
+    values = clamp(Alert.__table__, values)  # vendor status names are stored cut, never fail the insert
     return db.execute(insert(Alert).values(**values).on_conflict_do_nothing().returning(Alert.id)).scalar()
 
 

@@ -4,7 +4,7 @@ import os
 
 from celery import Celery
 
-app = Celery("psa_writeback")
+app = Celery("psa_writeback", task_cls="worker.taskbase:Task")  # database errors leave tasks without their text
 app.config_from_object("celeryconfig")
 # Modules whose tasks this worker serves (one per line: helpers add theirs).
 app.conf.include = [

@@ -7,6 +7,7 @@ import datetime as dt
 from typing import Any
 
 from models import Alert
+from worker.safetext import one_line
 
 
 def iso(value: dt.datetime | None) -> str | None:
@@ -24,7 +25,9 @@ def alert_dict(a: Alert) -> dict[str, Any]:
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [[str(c) if c is not None else "-" for c in row] for row in rows]
+    # Cells hold vendor strings (status names, PSA error messages): one line each, with no
+    # control character reaching the operator's terminal raw (an ESC could drive it).
+    cells = [[one_line(c) if c is not None else "-" for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])

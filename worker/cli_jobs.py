@@ -26,6 +26,7 @@ from tasks.errors import RequestError
 from worker.cli_format import alert_dict, table
 from worker.cli_format import iso as _iso
 from worker.cli_render import render_story
+from worker.safetext import one_line
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -218,7 +219,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         result = ops[args.action](job_id)
         results.append(result)
         mark = "ok" if result.ok else "not done"
-        print(f"[{n}/{len(ids)}] job {job_id}: {args.action} {mark} ({result.state}): {result.message}",
+        print(f"[{n}/{len(ids)}] job {job_id}: {args.action} {mark} ({result.state}): {one_line(result.message)}",
               file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))

@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Any
 
 from worker.cli_format import table
+from worker.safetext import one_line
 
 
 def _when(iso: str | None) -> str:
@@ -83,7 +84,7 @@ def _instant(iso: str) -> dt.datetime:
 
 def render_story(s: dict[str, Any]) -> str:
     lines = [f'job {s["id"]} · {s["kind"]} · {s["state"]}']
-    lines += [f"  {k:<13}{v}" for k, v in header(s)]
+    lines += [f"  {k:<13}{one_line(v)}" for k, v in header(s)]  # vendor strings: no raw control characters
     lines += ["", "timeline (UTC)"]
     lines.append(table(["time", "event", "#", "outcome", "took", "http", "detail"], timeline(s)))
     return "\n".join(lines)

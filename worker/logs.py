@@ -9,7 +9,11 @@ lines (`claimed job 12`) gain the fields without the runner knowing about any of
 What never reaches a line: the JSON formatter writes an allow-list of fields, never the
 record's whole __dict__ (Celery passes the task's kwargs, note markdown included, as
 `extra={"data": ...}` on its "received" line), and a last-resort scrubber blanks anything
-shaped like an Authorization header value.
+shaped like an Authorization header value. A database error's text (it can quote a row,
+note markdown included) is never printed: a traceback names its type and SQLSTATE only.
+A line is one line: in the text format, control characters in the message, the
+`key=value` pairs and an exception's message are escaped (`\n`), so a vendor's message
+cannot forge a line of its own (`ALERT auth_failed ...`).
 """
 from __future__ import annotations
 
@@ -19,9 +23,12 @@ import logging
 import os
 import re
 import threading
+import traceback
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
+
+from worker.safetext import one_line
 
 CONTEXT_FIELDS = ("job_id", "task_id", "task_name", "account_id", "provider", "ticket_id")
 _JOB_FIELDS = ("job_id", "account_id", "provider", "ticket_id")
@@ -100,7 +107,46 @@ class ContextFilter(logging.Filter):
         return dict(found)
 
 
+def format_exception(exc: BaseException | None) -> str:
+    """A traceback, with each exception's message on one line (escaped) and a database
+    error's message replaced by its type and SQLSTATE (models.db.describe_error)."""
+    from models.db import describe_error, is_db_error
+
+    chain: list[tuple[BaseException, str]] = []
+    link = ""
+    while exc is not None and all(exc is not seen for seen, _ in chain):
+        chain.append((exc, link))
+        if exc.__cause__ is not None:
+            exc, link = exc.__cause__, "The above exception was the direct cause of the following exception:"
+        elif exc.__context__ is not None and not exc.__suppress_context__:
+            exc, link = exc.__context__, "During handling of the above exception, another exception occurred:"
+        else:
+            exc = None
+    parts: list[str] = []
+    for err, link in reversed(chain):
+        text = (describe_error(err) + " (text not shown: it can quote note text)") if is_db_error(err) \
+            else one_line(scrub(str(err)))
+        kind = type(err)
+        name = kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
+        parts.append("Traceback (most recent call last):\n" + "".join(traceback.format_tb(err.__traceback__))
+                     + f"{name}: {text}" + (f"\n\n{link}\n" if link else ""))
+    return "\n".join(parts).rstrip("\n")
+
+
+def _pair(name: str, value: Any) -> str:
+    # A value that is not a plain token (a vendor's note id with spaces, say) is quoted, so
+    # it cannot add pairs of its own (` account_id=2`).
+    text = str(value)
+    return f"{name}={text}" if _TOKEN.fullmatch(text) else f"{name}={json.dumps(text)}"
+
+
+_TOKEN = re.compile(r"[\w.:/@+,-]*")
+
+
 class JsonFormatter(logging.Formatter):
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return format_exception(ei[1])
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "ts": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
@@ -123,8 +169,16 @@ class ContextSuffixFormatter(logging.Formatter):
         self.inner = inner or logging.Formatter("[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        text = self.inner.format(record)
-        pairs = [f"{n}={getattr(record, n)}" for n in CONTEXT_FIELDS + EXTRA_FIELDS
+        message = record.getMessage()
+        line = record
+        if one_line(message) is not message or record.exc_info:
+            # A copy, so another handler of the same record formats the original.
+            line = logging.makeLogRecord(record.__dict__)
+            line.msg, line.args = one_line(message), None
+            if record.exc_info:
+                line.exc_text = format_exception(record.exc_info[1])
+        text = self.inner.format(line)
+        pairs = [_pair(n, getattr(record, n)) for n in CONTEXT_FIELDS + EXTRA_FIELDS
                  if getattr(record, n, None) is not None and n != "task_name"]
         if not pairs:
             return text

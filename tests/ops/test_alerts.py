@@ -77,10 +77,12 @@ def test_verification_failure_alerts_once_in_log_database_and_webhook(world, ale
     # and one Slack-compatible webhook naming account, ticket, expected, observed and job
     delivered(alert.id)
     [body] = receiver.bodies()
-    for part in ("Acme MSP (1)", "connectwise #48213", "expected 9 (Resolved)", "observed 1 (New)", f"job {job_id}"):
+    # (the tenant's strings, account and status names, as code spans: never markup)
+    for part in ("`Acme MSP` (1)", "connectwise #48213", "expected 9 (`Resolved`)", "observed 1 (`New`)",
+                 f"job {job_id}"):
         assert part in body["text"], (part, body["text"])
     fields = [f["text"] for b in body["blocks"] if b["type"] == "section" for f in b.get("fields", [])]
-    assert "*Expected status*\n9 (Resolved)" in fields and "*Observed status*\n1 (New)" in fields
+    assert "*Expected status*\n9 (`Resolved`)" in fields and "*Observed status*\n1 (`New`)" in fields
     assert "Replaced the fuser" not in str(body)  # the note itself is never in an alert
     # and one structured ERROR line
     lines = [ln for ln in alert_worker.log_text(start).splitlines() if "ALERT verification_failed" in ln]
