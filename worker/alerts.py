@@ -250,13 +250,26 @@ def deliver_alert(self, alert_id: int) -> dict[str, Any]:
 
 # --- stuck jobs and the reconciler -----------------------------------------------------------
 
+def longest_wait() -> dt.timedelta:
+    """The furthest out any retry or deferral may schedule a job: the backoff's cap, or a
+    Retry-After capped at PSA_MAX_RETRY_AFTER_SECONDS, or the settle time after a POST."""
+    from tasks.retry import RetryPolicy
+
+    policy = RetryPolicy.from_env()
+    return dt.timedelta(seconds=max(policy.max_delay_seconds, policy.max_retry_after_seconds,
+                                    policy.post_settle_seconds))
+
+
 def stuck_condition(now: dt.datetime) -> Any:
     """Due (queued/retrying) since before the threshold and not waiting behind an earlier job
-    on the same ticket, or running on a lease that expired before the threshold."""
+    on the same ticket, or running on a lease that expired before the threshold, or due
+    further out than any retry may schedule it (plus the threshold): a next_attempt_at in
+    2030 is a job nobody will run, however patiently the check waits for it to be due."""
     cutoff = now - stuck_after()
     J, other = WritebackJob, aliased(WritebackJob)
     behind_earlier = exists().where(other.ticket_key == J.ticket_key, other.id < J.id, other.state.notin_(_TERMINAL))
     return or_(and_(J.state.in_(_CLAIMABLE), J.next_attempt_at <= cutoff, ~behind_earlier),
+               and_(J.state.in_(_CLAIMABLE), J.next_attempt_at > now + longest_wait() + stuck_after()),
                and_(J.state == JobState.RUNNING.value, J.lease_until <= cutoff))
 
 
@@ -318,6 +331,10 @@ def run_checks() -> dict[str, int]:
                      .total_seconds())
         message = (f"job {job_id} is {state} and has been due for {waited}s without starting "
                    f"(threshold {int(stuck_after().total_seconds())}s): is a worker consuming the queue?")
+        if waited < 0:
+            message = (f"job {job_id} is {state} with its next attempt {-waited}s from now ({due_since.isoformat()}), "
+                       f"further out than any retry or Retry-After may put it "
+                       f"({int(longest_wait().total_seconds())}s): nobody runs it before then; cancel it or reschedule it")
         stuck += raise_for_job(AlertKind.JOB_STUCK, job_id, message, {"due_since": due_since.isoformat()}) is not None
     missed = sum(raise_for_job(kind, job_id, details={"reconciled": True}) is not None
                  for job_id, kind in find_unalerted())
