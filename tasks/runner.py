@@ -221,7 +221,7 @@ def _psa_error(job: ClaimedJob, err: PsaError, step: str, policy: RetryPolicy) -
         long_wait = asked > ratelimit.long_deferral_after()
     if long_wait:
         _long_deferral(job, asked, ratelimit.capped_wait(asked),
-                       f"the PSA answered HTTP {err.status_code} asking to wait {asked:g}s")
+                       f"the PSA answered HTTP {err.status_code} asking to wait {asked:.0f}s")
     return Outcome(job.id, "retry", str(err), delay=delay)
 
 
