@@ -208,8 +208,8 @@ def test_a_429_storm_on_one_tenant_neither_delays_another_nor_spends_attempts(db
     throttled = 0
     for r in rows:
         history = [x for x in attempts(r.id) if x.outcome != "running"]
-        refused = [x for x in history if x.error_type == "Throttled"]
-        assert all(x.http_status is None for x in refused)
+        refused = [x for x in history if x.outcome == "deferred"]
+        assert all(x.http_status is None and x.error_type == "CoolingDown" for x in refused)
         assert all(x.http_status == 429 for x in history if x not in refused)
         assert r.max_attempts == 8 + len(refused)
         throttled += len(refused)
