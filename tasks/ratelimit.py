@@ -162,11 +162,13 @@ def capped_wait(seconds: float) -> float:
     return max(0.0, min(seconds, max_retry_after()))
 
 
-def inflight_retry_delay() -> float:
-    """How long a job over the in-flight cap waits before asking again: short (a slot frees
-    as soon as one of the connection's running jobs ends) and jittered, so the waiting jobs
-    do not all come back in the same instant."""
-    return random.uniform(0.5, 1.5)
+def inflight_retry_delay(deferrals: int = 0) -> float:
+    """How long a job over the in-flight cap waits before asking again: short at first (a
+    slot frees as soon as one of the connection's running jobs ends), then doubling with the
+    job's earlier deferrals up to 30 s, jittered: a tenant with thousands of jobs queued
+    behind a slow PSA must not keep the workers busy claiming and deferring them every second."""
+    ceiling = min(2.0 ** max(deferrals, 0), 30.0)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 def _url() -> str | None:
@@ -308,6 +310,6 @@ def gate(provider: str, operation: str) -> None:
         raise Throttled(f"{provider} connection {connection} is over its rate limit "
                         f"({rate_per_second():g}/s)", retry_after=wait, operation=operation)
     _local.cost = 0  # admitted: the job's other calls pass
-    _local.admitted = token is not None
+    _local.admitted = token is not None and max_inflight() > 0  # holds a slot to give back
     if wait > 0:
         time.sleep(wait)

@@ -231,6 +231,8 @@ def _defer(job: ClaimedJob, err: PsaError, step: str) -> Outcome:
     little jitter so a tenant's deferred jobs do not all return in the same instant. Never
     longer than PSA_MAX_RETRY_AFTER_SECONDS, whatever the limiter says."""
     wait = err.retry_after if err.retry_after is not None else ratelimit.default_cooldown()
+    if isinstance(err, ratelimit.InflightCapReached):
+        wait = ratelimit.inflight_retry_delay(job.deferrals)  # longer for a job that waited before
     delay = ratelimit.capped_wait(wait) + random.uniform(0, 0.5)
     store.schedule_retry(job, delay, err, None, step, spend_attempt=False)
     log.info("job %s deferred %.1fs: %s", job.id, delay, err.message, extra={"job_id": job.id, "step": step})

@@ -108,7 +108,7 @@ def test_the_in_flight_cap_admits_that_many_jobs_and_a_released_slot_is_free_aga
             with ratelimit.counting_against(key, token="job-3", hold=60), \
                     pytest.raises(ratelimit.InflightCapReached) as refused:
                 ratelimit.gate("connectwise", "list_notes")
-            assert 0.5 <= refused.value.retry_after <= 1.5
+            assert 0.5 <= refused.value.retry_after <= 1.0
             assert "PSA_MAX_INFLIGHT_PER_CONNECTION" in str(refused.value)
             # while another connection's job goes
             with ratelimit.counting_against(other, token="job-4", hold=60):
@@ -118,6 +118,12 @@ def test_the_in_flight_cap_admits_that_many_jobs_and_a_released_slot_is_free_aga
         with ratelimit.counting_against(key, token="job-3", hold=60):
             ratelimit.gate("connectwise", "list_notes")
     assert _redis_client().zcard(ratelimit._key("inflight", key)) == 0
+
+
+def test_a_job_over_the_cap_waits_longer_the_more_often_it_waited_before():
+    for deferrals, low, high in ((0, 0.5, 1), (1, 1, 2), (3, 4, 8), (9, 15, 30)):
+        delays = [ratelimit.inflight_retry_delay(deferrals) for _ in range(50)]
+        assert all(low <= d <= high for d in delays), (deferrals, min(delays), max(delays))
 
 
 def test_a_slot_of_a_worker_that_died_mid_job_frees_itself_and_the_key_expires(limiter_keys, monkeypatch):
