@@ -12,7 +12,8 @@ Three rules, all keyed by the connection (a tenant's PSA), never global:
   across every worker process and host (a sorted set of job tokens scored by their lease
   deadline, so a slot of a worker that died mid-job frees itself when its lease would have
   expired). A slow or stalling PSA then holds that many threads, never the whole pool; a job
-  over the cap is deferred for a second or two like a cooldown deferral. 0 turns it off.
+  over the cap is deferred like a cooldown deferral, for a short while that grows with its
+  earlier deferrals (inflight_retry_delay). 0 turns it off.
 - Token bucket: at most PSA_RATE_LIMIT_PER_SECOND calls per second per connection
   (burst PSA_RATE_LIMIT_BURST). A job takes the tokens of all its calls at its first call
   (one Lua call per job, not per call: a Redis round trip per HTTP call was a tenth of a
@@ -24,7 +25,7 @@ Admission to all three is one Lua call per job (_GATE), at the job's first PSA c
 leaving the in-flight set is one more, when the job's calls are over (release).
 
 Redis is RATE_LIMIT_REDIS_URL, else the broker when it is Redis; without Redis (the demo)
-both rules are off. If Redis fails, calls go ahead (fail open): the PSA's own 429s and the
+all three are off. If Redis fails, calls go ahead (fail open): the PSA's own 429s and the
 retry policy still protect it, and a writeback is never stuck on its rate limiter.
 """
 from __future__ import annotations
