@@ -39,6 +39,9 @@ def setup_env() -> dict[str, str]:
         "PSA_WRITEBACK_ENCRYPTION_KEYS": harness.FAKE_FERNET_KEY,
         "BENCH_DSN": url,
         "DB_POOL_SIZE": os.environ.get("DB_POOL_SIZE", "10"),
+        # Figures (2)-(4) run one tenant's jobs on every thread: the in-flight cap per
+        # connection (default 8) would measure the cap, not the worker. Its Redis calls stay.
+        "PSA_MAX_INFLIGHT_PER_CONNECTION": os.environ.get("PSA_MAX_INFLIGHT_PER_CONNECTION", "1000"),
     })
     return dict(os.environ)
 

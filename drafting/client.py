@@ -5,7 +5,8 @@ Retries are split so they never multiply: the SDK client is built with `max_retr
 Retry-After honoured without a cap), and this module retries transient errors with
 tenacity: up to DRAFT_MAX_ATTEMPTS HTTP calls per ask, exponential backoff from
 DRAFT_RETRY_BASE_SECONDS with "equal jitter", a server's Retry-After taken as a floor,
-every wait capped at DRAFT_RETRY_MAX_DELAY_SECONDS. Celery never retries a draft (the
+every wait capped at DRAFT_RETRY_MAX_DELAY_SECONDS. A Retry-After longer than that cap fails
+the draft at once, saying so: retrying before it only earns another 429. Celery never retries a draft (the
 task has max_retries=0). The worst case is therefore 2 asks (the reply and one re-ask
 for format) x DRAFT_MAX_ATTEMPTS HTTP calls, each bounded by DRAFT_TIMEOUT_SECONDS.
 """
@@ -69,13 +70,18 @@ def ask(cfg: DraftConfig, system: str, messages: list[dict[str, Any]], usage: Us
     """Send one request, retrying transient errors; raise DraftApiError when it gives up."""
     client = client_for(cfg)
     retrying = Retrying(stop=stop_after_attempt(cfg.max_attempts), wait=_backoff(cfg),
-                        retry=retry_if_exception(lambda e: isinstance(e, DraftError) and e.retryable),
+                        retry=retry_if_exception(lambda e: isinstance(e, DraftError) and e.retryable
+                                                 and not _waits_too_long(e, cfg)),
                         before_sleep=lambda state: _log_retry(state, context), reraise=True)
     try:
         for attempt in retrying:
             with attempt:
                 return _call(client, cfg, system, messages, usage)
     except DraftApiError as err:
+        if err.retryable and _waits_too_long(err, cfg):
+            raise DraftApiError(f"{err.message} (the API asked to wait {err.retry_after:g}s, longer than a draft may "
+                                f"wait: DRAFT_RETRY_MAX_DELAY_SECONDS={cfg.retry_max_delay_seconds:g})",
+                                retryable=False, status=err.status, retry_after=err.retry_after) from err
         if err.retryable:  # attempts exhausted: say so, keep the API's own words
             raise DraftApiError(f"{err.message} (gave up after {cfg.max_attempts} attempts)", retryable=False,
                                 status=err.status) from err
@@ -100,11 +106,19 @@ def _call(client: "anthropic.Anthropic", cfg: DraftConfig, system: str, messages
     return ModelReply(text=text, stop_reason=message.stop_reason, model=message.model)
 
 
+def _waits_too_long(err: BaseException, cfg: DraftConfig) -> bool:
+    """The API's Retry-After is beyond what a draft may wait: honouring it would park a
+    worker thread (and the engineer waiting on the preview) for longer than the cap, and
+    asking sooner only earns another 429. The draft fails instead, naming the wait."""
+    retry_after = getattr(err, "retry_after", None)
+    return retry_after is not None and retry_after > cfg.retry_max_delay_seconds
+
+
 def _backoff(cfg: DraftConfig):
     def wait(state: RetryCallState) -> float:
         err = state.outcome.exception() if state.outcome else None
-        # Asking sooner than Retry-After only earns another 429, but a huge value must
-        # not park a worker thread for minutes: the cap wins, and the next 429 says so.
+        # Retry-After is a floor (asking sooner only earns another 429); one beyond the cap
+        # never gets here (_waits_too_long fails the draft instead).
         retry_after = err.retry_after if isinstance(err, DraftError) else None
         return jittered_delay(state.attempt_number, cfg.retry_base_seconds, cfg.retry_max_delay_seconds,
                               retry_after=retry_after)

@@ -9,7 +9,7 @@
 | `DRAFT_TIMEOUT_SECONDS` | 60 | per HTTP request to the API |
 | `DRAFT_MAX_ATTEMPTS` | 4 | HTTP attempts per ask on 429/529/5xx/timeouts |
 | `DRAFT_RETRY_BASE_SECONDS` | 2 | first backoff; doubles per attempt, jittered |
-| `DRAFT_RETRY_MAX_DELAY_SECONDS` | 30 | cap on one backoff, Retry-After included |
+| `DRAFT_RETRY_MAX_DELAY_SECONDS` | 30 | cap on one backoff; a longer Retry-After fails the draft (never retried early) |
 | `DRAFT_MAX_TRANSCRIPT_CHARS` | 200000 | longer transcripts keep the first and latest turns |
 
 Configuration errors are kept outside the DraftError tree (as django-anymail does) so no

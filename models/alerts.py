@@ -22,7 +22,9 @@ class AlertKind(str, enum.Enum):
     VERIFICATION_FAILED = "verification_failed"  # the PSA accepted the status change, the re-read disagrees
     JOB_FAILED = "job_failed"  # a job ended failed (retries exhausted or a permanent error)
     AUTH_FAILED = "auth_failed"  # a connection's credentials stopped working (per connection)
-    JOB_STUCK = "job_stuck"  # due (or its lease expired) and not started for too long
+    JOB_STUCK = "job_stuck"  # due (or its lease expired) and not started for too long, or due absurdly far out
+    # a PSA's Retry-After (or our limiter) parks a job or its connection beyond LONG_DEFERRAL_ALERT_SECONDS
+    LONG_DEFERRAL = "long_deferral"
 
 
 class DeliveryState(str, enum.Enum):

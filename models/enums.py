@@ -56,3 +56,6 @@ class AttemptOutcome(str, enum.Enum):
     FAILED = "failed"
     VERIFICATION_FAILED = "verification_failed"
     ABANDONED = "abandoned"  # the worker died mid-attempt; found by the next claim
+    # Our own limiter said "not now" (cooldown after a 429, rate or in-flight cap): no HTTP
+    # call, no attempt spent, and not a failure for the backoff (ClaimedJob.failure_no).
+    DEFERRED = "deferred"

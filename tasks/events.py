@@ -19,6 +19,9 @@ _subscribers: dict[str, list[Callable[..., None]]] = defaultdict(list)
 #                None when not known
 #   job_retry_scheduled(job_id, kind, provider, attempt, delay, error_type)
 #   psa_auth_failed(connection_id, account_id, provider, job_id, ticket_id, message)
+#   long_deferral(job_id, connection_id, account_id, provider, ticket_id, seconds, asked, message)
+#                the PSA (a Retry-After) or our limiter made a job or its connection wait longer
+#                than LONG_DEFERRAL_ALERT_SECONDS: `seconds` the wait (capped), `asked` what was asked
 
 
 def subscribe(event: str, fn: Callable[..., None]) -> None:

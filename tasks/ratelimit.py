@@ -1,11 +1,19 @@
 """Per-PSA-connection rate limiting, shared by every worker through Redis.
 
-Two rules, both keyed by the connection (a tenant's PSA), never global:
+Three rules, all keyed by the connection (a tenant's PSA), never global:
 - Cooldown: a 429 from the PSA sets `psa-writeback:cooldown:<connection id>:<url hash>` for its
-  Retry-After (RATE_LIMIT_DEFAULT_COOLDOWN_SECONDS when it gives none). Until it expires no
-  worker calls that PSA: a job that would is deferred to the end of the cooldown without
-  an HTTP call and without spending an attempt (runner), so a 429 storm slows that tenant
-  alone and never turns into a retry storm.
+  Retry-After (RATE_LIMIT_DEFAULT_COOLDOWN_SECONDS when it gives none), capped at
+  PSA_MAX_RETRY_AFTER_SECONDS: the tenant's server chooses the value, and `Retry-After:
+  99999999` must not park its jobs for years. Until it expires no worker calls that PSA: a
+  job that would is deferred to the end of the cooldown without an HTTP call and without
+  spending an attempt (runner), so a 429 storm slows that tenant alone and never turns into
+  a retry storm.
+- In-flight cap: at most PSA_MAX_INFLIGHT_PER_CONNECTION jobs of one connection run at once,
+  across every worker process and host (a sorted set of job tokens scored by their lease
+  deadline, so a slot of a worker that died mid-job frees itself when its lease would have
+  expired). A slow or stalling PSA then holds that many threads, never the whole pool; a job
+  over the cap is deferred like a cooldown deferral, for a short while that grows with its
+  earlier deferrals (inflight_retry_delay). 0 turns it off.
 - Token bucket: at most PSA_RATE_LIMIT_PER_SECOND calls per second per connection
   (burst PSA_RATE_LIMIT_BURST). A job takes the tokens of all its calls at its first call
   (one Lua call per job, not per call: a Redis round trip per HTTP call was a tenth of a
@@ -13,8 +21,11 @@ Two rules, both keyed by the connection (a tenant's PSA), never global:
   short wait for tokens is slept; a longer one defers the job like a cooldown does. 0 turns
   the bucket off.
 
+Admission to all three is one Lua call per job (_GATE), at the job's first PSA call;
+leaving the in-flight set is one more, when the job's calls are over (release).
+
 Redis is RATE_LIMIT_REDIS_URL, else the broker when it is Redis; without Redis (the demo)
-both rules are off. If Redis fails, calls go ahead (fail open): the PSA's own 429s and the
+all three are off. If Redis fails, calls go ahead (fail open): the PSA's own 429s and the
 retry policy still protect it, and a writeback is never stuck on its rate limiter.
 """
 from __future__ import annotations
@@ -23,6 +34,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -37,37 +49,75 @@ _client_lock = threading.Lock()
 _clients: dict[str, Any] = {}
 _failed_at = 0.0
 
-# KEYS[1] cooldown, KEYS[2] bucket; ARGV rate/s, burst, now (s), longest wait (s), tokens. One round trip per call:
-# returns -ms while cooling down, else the ms to wait for a token (0: taken; rate 0: off).
+# KEYS[1] cooldown, KEYS[2] bucket, KEYS[3] in-flight set; ARGV rate/s, burst, now (s), longest wait (s),
+# tokens, in-flight cap, job token ('' = no cap check), seconds a slot is held at most. One round trip per job.
+# Returns {1, ms} while cooling down, {2, 0} when the connection has `cap` jobs in flight,
+# else {0, ms to wait for the tokens} (0: taken; rate 0: off); a job that will wait no longer
+# than ARGV[4] is admitted and takes its in-flight slot.
 _GATE = """
 local cool = redis.call('PTTL', KEYS[1])
-if cool > 0 then return -cool end
-local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-if rate <= 0 then return 0 end
-local state = redis.call('HMGET', KEYS[2], 'tokens', 'at')
-local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
--- A caller that will sleep for its token takes it now (the bucket goes into debt), so the
--- next caller queues behind it; one that would wait longer than ARGV[4] takes nothing.
-local cost = math.min(tonumber(ARGV[5]), burst)
+if cool > 0 then return {1, cool} end
+local now, cap, token = tonumber(ARGV[3]), tonumber(ARGV[6]), ARGV[7]
+local capped = cap > 0 and token ~= ''
+if capped then
+  -- slots whose holder's lease ran out (a worker that died mid-job) are free again
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if redis.call('ZSCORE', KEYS[3], token) == false and redis.call('ZCARD', KEYS[3]) >= cap then
+    return {2, 0}
+  end
+end
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local wait = 0
-if tokens < cost then wait = math.ceil((cost - tokens) / rate * 1000) end
-if wait <= tonumber(ARGV[4]) * 1000 then tokens = tokens - cost end
-redis.call('HSET', KEYS[2], 'tokens', tokens, 'at', now)
-redis.call('PEXPIRE', KEYS[2], math.ceil(burst / rate * 1000) + 1000)
-return wait
+if rate > 0 then
+  local state = redis.call('HMGET', KEYS[2], 'tokens', 'at')
+  local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
+  tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+  -- A caller that will sleep for its token takes it now (the bucket goes into debt), so the
+  -- next caller queues behind it; one that would wait longer than ARGV[4] takes nothing.
+  local cost = math.min(tonumber(ARGV[5]), burst)
+  if tokens < cost then wait = math.ceil((cost - tokens) / rate * 1000) end
+  if wait <= tonumber(ARGV[4]) * 1000 then tokens = tokens - cost end
+  redis.call('HSET', KEYS[2], 'tokens', tokens, 'at', now)
+  redis.call('PEXPIRE', KEYS[2], math.ceil(burst / rate * 1000) + 1000)
+end
+if capped and wait <= tonumber(ARGV[4]) * 1000 then
+  local hold = tonumber(ARGV[8])
+  redis.call('ZADD', KEYS[3], string.format('%.3f', now + hold), token)
+  -- the set outlives its newest slot by a second, then goes when idle
+  local ttl = math.ceil(hold * 1000) + 1000
+  if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
+end
+return {0, wait}
 """
-# KEYS[1] cooldown; ARGV ms. Never shortens a longer cooldown another worker set.
+# KEYS[1] cooldown; ARGV ms, alert threshold ms. Never shortens a longer cooldown another
+# worker set. Returns {ms left, 1 if this call made the cooldown longer than the threshold}:
+# of many workers hitting the same 429 storm, exactly one hears "you made it long".
 _COOLDOWN = """
 local left = redis.call('PTTL', KEYS[1])
-if left < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) end
-return math.max(left, tonumber(ARGV[1]))
+local ms = tonumber(ARGV[1])
+if left < ms then redis.call('SET', KEYS[1], '1', 'PX', ms) end
+local made_long = 0
+if left <= tonumber(ARGV[2]) and ms > tonumber(ARGV[2]) then made_long = 1 end
+return {math.max(left, ms), made_long}
 """
+_RELEASE = "return redis.call('ZREM', KEYS[1], ARGV[1])"
 
 
 class Throttled(PsaRateLimited):
     """Our own limiter said "not now" (no HTTP call was made): the job is deferred to
     `retry_after` without spending an attempt."""
+
+    cooling_down = False  # deferred by a 429's cooldown (whoever got that 429 raised any alert)
+
+
+class CoolingDown(Throttled):
+    """The connection answered 429 a moment ago: wait out its Retry-After."""
+
+    cooling_down = True
+
+
+class InflightCapReached(Throttled):
+    """PSA_MAX_INFLIGHT_PER_CONNECTION jobs of this connection are running already."""
 
 
 def connection_key(connection_id: int, base_url: str) -> str:
@@ -93,6 +143,35 @@ def default_cooldown() -> float:
     return float(os.environ.get("RATE_LIMIT_DEFAULT_COOLDOWN_SECONDS", "5"))
 
 
+def max_inflight() -> int:
+    """Jobs of one connection running at once, across all workers (0: no cap)."""
+    return int(os.environ.get("PSA_MAX_INFLIGHT_PER_CONNECTION", "8"))
+
+
+def max_retry_after() -> float:
+    """The longest a PSA's Retry-After (or any deferral) may hold a job or a connection: the
+    value comes from the tenant's server, so it is never trusted as is."""
+    return float(os.environ.get("PSA_MAX_RETRY_AFTER_SECONDS", "900"))
+
+
+def long_deferral_after() -> float:
+    """A cooldown or deferral the PSA imposes beyond this raises one `long_deferral` alert."""
+    return float(os.environ.get("LONG_DEFERRAL_ALERT_SECONDS", "600"))
+
+
+def capped_wait(seconds: float) -> float:
+    return max(0.0, min(seconds, max_retry_after()))
+
+
+def inflight_retry_delay(deferrals: int = 0) -> float:
+    """How long a job over the in-flight cap waits before asking again: short at first (a
+    slot frees as soon as one of the connection's running jobs ends), then doubling with the
+    job's earlier deferrals up to 30 s, jittered: a tenant with thousands of jobs queued
+    behind a slow PSA must not keep the workers busy claiming and deferring them every second."""
+    ceiling = min(2.0 ** max(deferrals, 0), 30.0)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
 def _url() -> str | None:
     url = os.environ.get("RATE_LIMIT_REDIS_URL") or os.environ.get("CELERY_BROKER_URL", "")
     return url if url.startswith(("redis://", "rediss://", "unix://")) else None
@@ -111,7 +190,8 @@ def _redis() -> Any:
                 url, max_connections=int(os.environ.get("WORKER_CONCURRENCY", "32")) + 4, timeout=1,
                 socket_timeout=0.5, socket_connect_timeout=0.5)
             client = redis.Redis(connection_pool=pool)
-            client._pswb_scripts = (client.register_script(_GATE), client.register_script(_COOLDOWN))
+            client._pswb_scripts = (client.register_script(_GATE), client.register_script(_COOLDOWN),
+                                    client.register_script(_RELEASE))
             _clients[url] = client
         return client
 
@@ -144,56 +224,93 @@ def cooldown_left(connection: str) -> float:
     return max(client.pttl(_key("cooldown", connection)), 0) / 1000
 
 
-@_guard(0.0)
-def start_cooldown(connection: str, seconds: float | None) -> float:
-    """A 429 from this connection's PSA: nobody calls it for `seconds` (its Retry-After)."""
+@_guard((0.0, None))
+def start_cooldown(connection: str, seconds: float | None) -> tuple[float, bool | None]:
+    """A 429 from this connection's PSA: nobody calls it for `seconds` (its Retry-After),
+    capped at max_retry_after(). Returns the cooldown left and whether this call made it
+    longer than long_deferral_after() (None: Redis is away, nobody knows)."""
     client = _redis()
     if client is None:
-        return 0.0
-    ms = max(int((seconds if seconds is not None else default_cooldown()) * 1000), 1)
-    left = client._pswb_scripts[1](keys=[_key("cooldown", connection)], args=[ms])
-    log.warning("PSA connection %s answered 429: calls paused for %.1fs", connection, int(left) / 1000)
-    return int(left) / 1000
+        return 0.0, None
+    asked = seconds if seconds is not None else default_cooldown()
+    ms = max(int(capped_wait(asked) * 1000), 1)
+    left, made_long = client._pswb_scripts[1](keys=[_key("cooldown", connection)],
+                                              args=[ms, int(long_deferral_after() * 1000)])
+    log.warning("PSA connection %s answered 429: calls paused for %.1fs%s", connection, int(left) / 1000,
+                f" (it asked for {asked:g}s; PSA_MAX_RETRY_AFTER_SECONDS caps it)" if asked * 1000 > ms else "")
+    return int(left) / 1000, bool(made_long)
 
 
-@_guard(0.0)
+@_guard(("go", 0.0))
+def admit(connection: str, cost: int = 1, token: str | None = None, hold: float = 0.0) -> tuple[str, float]:
+    """Take `cost` calls' tokens and, with a job `token`, one of the connection's in-flight
+    slots for at most `hold` seconds. Returns ("go", seconds to wait first), ("cooldown",
+    seconds left) or ("full", 0): nothing taken in the last two cases, nor when the wait
+    would be longer than max_wait()."""
+    client = _redis()
+    if client is None:
+        return "go", 0.0
+    cap = max_inflight() if token else 0
+    kind, ms = client._pswb_scripts[0](
+        keys=[_key("cooldown", connection), _key("bucket", connection), _key("inflight", connection)],
+        args=[rate_per_second(), burst(), time.time(), max_wait(), cost, cap, token or "", hold])
+    return {0: "go", 1: "cooldown", 2: "full"}[int(kind)], int(ms) / 1000
+
+
 def take_token(connection: str, cost: int = 1) -> float:
-    """Take `cost` calls' tokens. Returns the seconds to wait first (0: go now), or minus the
-    seconds of cooldown left when the connection is cooling down (no token taken)."""
+    """Take `cost` calls' tokens (no in-flight slot). Returns the seconds to wait first (0: go
+    now), or minus the seconds of cooldown left when the connection is cooling down."""
+    kind, seconds = admit(connection, cost)
+    return -seconds if kind == "cooldown" else seconds
+
+
+@_guard(None)
+def release(connection: str, token: str) -> None:
+    """The job's PSA calls are over: its in-flight slot is free for the next job."""
     client = _redis()
-    if client is None:
-        return 0.0
-    wait_ms = client._pswb_scripts[0](keys=[_key("cooldown", connection), _key("bucket", connection)],
-                                      args=[rate_per_second(), burst(), time.time(), max_wait(), cost])
-    return int(wait_ms) / 1000
+    if client is not None:
+        client._pswb_scripts[2](keys=[_key("inflight", connection)], args=[token])
 
 
 @contextlib.contextmanager
-def counting_against(connection: str | None, calls: int = 1) -> Iterator[None]:
+def counting_against(connection: str | None, calls: int = 1, *, token: str | None = None,
+                     hold: float = 0.0) -> Iterator[None]:
     """PSA calls made by this thread inside the block count against `connection`: the first
-    one passes the gate for `calls` calls (the job's expected number), the others go."""
-    previous = getattr(_local, "connection", None), getattr(_local, "cost", 0)
-    _local.connection, _local.cost = connection, calls
+    one passes the gate for `calls` calls (the job's expected number), the others go. With
+    a job `token`, the first call also takes one of the connection's in-flight slots, for at
+    most `hold` seconds (the job's lease: a slot of a worker that died mid-job frees itself
+    when another execution may take the job over); leaving the block gives it back."""
+    previous = (getattr(_local, "connection", None), getattr(_local, "cost", 0), getattr(_local, "token", None),
+                getattr(_local, "hold", 0.0), getattr(_local, "admitted", False))
+    _local.connection, _local.cost, _local.token, _local.hold, _local.admitted = connection, calls, token, hold, False
     try:
         yield
     finally:
-        _local.connection, _local.cost = previous
+        if _local.admitted and connection is not None and token:
+            release(connection, token)
+        _local.connection, _local.cost, _local.token, _local.hold, _local.admitted = previous
 
 
 def gate(provider: str, operation: str) -> None:
-    """Called before every PSA call (providers.http): wait for the connection's cooldown
-    and a token, or raise Throttled when that would take longer than max_wait()."""
+    """Called before every PSA call (providers.http): wait for the connection's cooldown, an
+    in-flight slot and a token, or raise Throttled when that would take longer than
+    max_wait()."""
     connection, cost = getattr(_local, "connection", None), getattr(_local, "cost", 0)
     if connection is None or cost <= 0:
         return
-    wait = take_token(connection, cost)
-    if wait < 0:
-        raise Throttled(f"{provider} connection {connection} is cooling down after a 429",
-                        retry_after=-wait, operation=operation)
+    token = getattr(_local, "token", None)
+    kind, wait = admit(connection, cost, token, getattr(_local, "hold", 0.0))
+    if kind == "cooldown":
+        raise CoolingDown(f"{provider} connection {connection} is cooling down after a 429",
+                          retry_after=wait, operation=operation)
+    if kind == "full":
+        raise InflightCapReached(f"{provider} connection {connection} has {max_inflight()} jobs in flight "
+                                 "(PSA_MAX_INFLIGHT_PER_CONNECTION)", retry_after=inflight_retry_delay(),
+                                 operation=operation)
     if wait > max_wait():
         raise Throttled(f"{provider} connection {connection} is over its rate limit "
                         f"({rate_per_second():g}/s)", retry_after=wait, operation=operation)
     _local.cost = 0  # admitted: the job's other calls pass
+    _local.admitted = token is not None and max_inflight() > 0  # holds a slot to give back
     if wait > 0:
         time.sleep(wait)
-

@@ -8,20 +8,23 @@ from dataclasses import dataclass
 
 from providers.errors import PsaError, PsaRateLimited, PsaRecordBusy
 from providers.http import timeouts
+from tasks.ratelimit import max_retry_after
 
 
 def jittered_delay(attempt: int, base: float, cap: float, *, factor: float = 2.0,
-                   retry_after: float | None = None, rng: random.Random | None = None) -> float:
+                   retry_after: float | None = None, retry_after_cap: float | None = None,
+                   rng: random.Random | None = None) -> float:
     """Delay after failed attempt number `attempt` (1-based): exponential from `base` with
     "equal jitter" (half fixed, half random, never above `cap`) so a burst of failures does
     not retry in step. A server's Retry-After is a floor, since asking sooner just earns
-    another 429, but it is capped at `cap` too: a huge value must not park a caller for
-    hours, the cap wins and the next 429 says so again. Pure: no clock, no environment."""
+    another 429, even above the backoff's `cap`; but the server chooses it, so it is capped
+    at `retry_after_cap` (default: `cap`): a huge value must not park a caller for years,
+    the cap wins and the next 429 says so again. Pure: no clock, no environment."""
     rng = rng or random
     ceiling = min(cap, base * factor ** max(attempt - 1, 0))
     delay = ceiling / 2 + rng.uniform(0, ceiling / 2)
     if retry_after is not None:
-        delay = max(delay, min(retry_after, cap))
+        delay = max(delay, min(retry_after, cap if retry_after_cap is None else retry_after_cap))
     return delay
 
 
@@ -35,6 +38,9 @@ class RetryPolicy:
     # execution lists the notes: a PSA that was still working on it when our read timed
     # out gets that long again to finish, so the reconcile sees the note (tasks.steps).
     post_settle_seconds: float = 30.0
+    # A vendor Retry-After is honoured up to this (PSA_MAX_RETRY_AFTER_SECONDS), whatever
+    # the backoff's own cap: the tenant's server picks the value.
+    max_retry_after_seconds: float = 900.0
 
     @classmethod
     def from_env(cls) -> "RetryPolicy":
@@ -43,15 +49,18 @@ class RetryPolicy:
                    factor=float(os.environ.get("RETRY_FACTOR", "2")),
                    max_delay_seconds=float(os.environ.get("RETRY_MAX_DELAY_SECONDS", "1800")),
                    max_attempts=int(os.environ.get("RETRY_MAX_ATTEMPTS", "8")),
-                   post_settle_seconds=float(os.environ.get("POST_SETTLE_SECONDS", str(timeouts()[1]))))
+                   post_settle_seconds=float(os.environ.get("POST_SETTLE_SECONDS", str(timeouts()[1]))),
+                   max_retry_after_seconds=max_retry_after())
 
     def delay(self, attempt: int, error: PsaError | None = None, rng: random.Random | None = None) -> float:
-        """Delay after failed attempt number `attempt` (1-based): exponential with "equal
-        jitter" (half fixed, half random) so a burst of failures does not retry in step.
-        A vendor Retry-After is a floor: asking sooner just earns another 429. So is the
-        settle time after a POST that may have been applied."""
+        """Delay after real failure number `attempt` (1-based; deferrals by our own limiter
+        are not failures and do not count, see ClaimedJob.failure_no): exponential with
+        "equal jitter" (half fixed, half random) so a burst of failures does not retry in
+        step. A vendor Retry-After is a floor (asking sooner just earns another 429), up to
+        max_retry_after_seconds. So is the settle time after a POST that may have been applied."""
         delay = jittered_delay(attempt, self.base_seconds, self.max_delay_seconds, factor=self.factor,
-                               retry_after=error.retry_after if error is not None else None, rng=rng)
+                               retry_after=error.retry_after if error is not None else None,
+                               retry_after_cap=self.max_retry_after_seconds, rng=rng)
         if error is not None and post_may_have_landed(error):
             delay = max(delay, self.post_settle_seconds)
         return delay

@@ -97,13 +97,15 @@ def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
         return _finish_local(job)
     # A linked job without credentials has a setup_error and was failed before _run.
     assert job.credentials is not None
-    # every PSA call below passes the connection's gate (cooldown after a 429, token bucket)
+    # every PSA call below passes the connection's gate (cooldown after a 429, token bucket),
+    # and the job holds one of the connection's in-flight slots for at most a lease (a dead
+    # worker's slot frees itself when another execution may take the job over)
     limited = ratelimit.connection_key(job.connection_id, job.credentials.base_url)
     job.scratch["limit_key"] = limited
     calls = (2 if job.markdown is not None else 0) + (3 if job.target_status_id is not None else 0)
     _running.job = job
     try:
-        with ratelimit.counting_against(limited, calls=max(calls, 1)):
+        with ratelimit.counting_against(limited, calls=max(calls, 1), token=job.token, hold=store.lease_seconds()):
             return _run_calls(job, policy)
     finally:
         _running.job = None
@@ -208,8 +210,11 @@ def _finish_transition(job: ClaimedJob, note: steps.NoteResult | None, t: steps.
 def _psa_error(job: ClaimedJob, err: PsaError, step: str, policy: RetryPolicy) -> Outcome:
     if isinstance(err, ratelimit.Throttled):
         return _defer(job, err, step)
+    long_wait: bool | None = None  # whether the PSA made us wait longer than the alert threshold
     if isinstance(err, PsaRateLimited) and job.scratch.get("limit_key"):
-        ratelimit.start_cooldown(job.scratch["limit_key"], err.retry_after)  # every worker backs off
+        # every worker backs off; of all the jobs hitting the same storm, Redis names one
+        # as the one that made the cooldown long (None: Redis is away, judge by the reply)
+        _left, long_wait = ratelimit.start_cooldown(job.scratch["limit_key"], err.retry_after)
     if isinstance(err, PsaAuthError):
         events.emit("psa_auth_failed", connection_id=job.connection_id, account_id=job.account_id,
                     provider=job.provider, job_id=job.id, ticket_id=job.ticket_id, message=str(err))
@@ -217,25 +222,49 @@ def _psa_error(job: ClaimedJob, err: PsaError, step: str, policy: RetryPolicy) -
         return _fail(job, str(err), err, step)
     if job.attempt_no >= job.max_attempts:
         return _fail(job, f"gave up after {job.attempt_no} attempts; last error: {err}", err, step)
-    delay = policy.delay(job.attempt_no, err)
+    # The exponent counts real failures: deferrals by our own limiter spent no attempt.
+    delay = policy.delay(job.failure_no, err)
     store.schedule_retry(job, delay, err, err.status_code, step)
     log.warning("attempt %s of job %s failed (%s); retrying in %.1fs", job.attempt_no, job.id, err, delay,
                 extra={"job_id": job.id, "step": step})
     events.emit("job_retry_scheduled", job_id=job.id, kind=job.kind, provider=job.provider,
                 attempt=job.attempt_no, delay=delay, error_type=type(err).__name__)
+    asked = err.retry_after if err.retry_after is not None else 0.0
+    if isinstance(err, PsaRateLimited) and err.retry_after is None:
+        asked = ratelimit.default_cooldown()
+    if long_wait is None:
+        long_wait = asked > ratelimit.long_deferral_after()
+    if long_wait:
+        _long_deferral(job, asked, ratelimit.capped_wait(asked),
+                       f"the PSA answered HTTP {err.status_code} asking to wait {asked:.0f}s")
     return Outcome(job.id, "retry", str(err), delay=delay)
 
 
 def _defer(job: ClaimedJob, err: PsaError, step: str) -> Outcome:
     """Our own limiter refused the call: come back when it allows, without spending an
-    attempt (the attempt row stays, outcome "retry", so the history shows the wait). A
-    little jitter so a tenant's deferred jobs do not all return in the same instant."""
-    delay = (err.retry_after or ratelimit.default_cooldown()) + random.uniform(0, 0.5)
+    attempt (the attempt row stays, outcome "deferred", so the history shows the wait). A
+    little jitter so a tenant's deferred jobs do not all return in the same instant. Never
+    longer than PSA_MAX_RETRY_AFTER_SECONDS, whatever the limiter says."""
+    wait = err.retry_after if err.retry_after is not None else ratelimit.default_cooldown()
+    if isinstance(err, ratelimit.InflightCapReached):
+        wait = ratelimit.inflight_retry_delay(job.deferrals)  # longer for a job that waited before
+    delay = ratelimit.capped_wait(wait) + random.uniform(0, 0.5)
     store.schedule_retry(job, delay, err, None, step, spend_attempt=False)
     log.info("job %s deferred %.1fs: %s", job.id, delay, err.message, extra={"job_id": job.id, "step": step})
     events.emit("job_retry_scheduled", job_id=job.id, kind=job.kind, provider=job.provider,
                 attempt=job.attempt_no, delay=delay, error_type=type(err).__name__)
+    # A cooldown's length was alerted on by the job whose 429 started it (see _psa_error).
+    if not getattr(err, "cooling_down", False) and delay > ratelimit.long_deferral_after():
+        _long_deferral(job, wait, delay, f"our own limiter deferred it: {err.message}")
     return Outcome(job.id, "retry", str(err), delay=delay)
+
+
+def _long_deferral(job: ClaimedJob, asked: float | None, seconds: float, why: str) -> None:
+    events.emit("long_deferral", job_id=job.id, connection_id=job.connection_id, account_id=job.account_id,
+                provider=job.provider, ticket_id=job.ticket_id, seconds=seconds, asked=asked,
+                message=f"job {job.id} and its PSA connection {job.connection_id} wait {seconds:.0f}s: {why} "
+                        f"(alert threshold LONG_DEFERRAL_ALERT_SECONDS={ratelimit.long_deferral_after():g}s, "
+                        f"cap PSA_MAX_RETRY_AFTER_SECONDS={ratelimit.max_retry_after():g}s)")
 
 
 def _fail(job: ClaimedJob, message: str, err: BaseException, step: str, *, record_session: bool = True) -> Outcome:

@@ -95,9 +95,18 @@ class ClaimedJob:
     ticket_key: str | None = None
     started_at: dt.datetime | None = None  # the attempt row's start (None: read it back)
     note_watermark_id: str | None = None  # see WritebackJob.note_watermark_id
+    # Earlier executions our own limiter deferred (attempt outcome "deferred"), read by the
+    # claim: they spent no attempt, and must not count in the backoff either.
+    deferrals: int = 0
     # This execution's memory between its transactions: the note it posted (recorded with
     # the outcome), when it last renewed the lease, the next job of its ticket.
     scratch: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def failure_no(self) -> int:
+        """Which real failure this execution would be if it failed (1-based): the attempt
+        number without the deferrals before it. The backoff's exponent."""
+        return max(self.attempt_no - self.deferrals, 1)
 
 
 @dataclass(frozen=True)
@@ -181,7 +190,14 @@ WITH claimed AS (
   INSERT INTO writeback_attempts (job_id, attempt_no, celery_task_id, worker, started_at, outcome)
   SELECT id, attempts, %(task_id)s, %(worker)s, %(now)s, 'running' FROM claimed
 )
-SELECT j.*, {connection_columns} FROM claimed j LEFT JOIN psa_connections c ON c.id = j.psa_connection_id"""
+SELECT j.*, {connection_columns}, ({_DEFERRALS_SQL.format(job="j.id")}) AS deferrals
+FROM claimed j LEFT JOIN psa_connections c ON c.id = j.psa_connection_id"""
+
+
+# Deferred executions of a job (a few rows on the job_id index), read in the claim's own
+# statement: the backoff counts real failures only, without a query of its own.
+_DEFERRALS_SQL = (f"SELECT count(*) FROM writeback_attempts a WHERE a.job_id = {{job}} "
+                  f"AND a.outcome = '{AttemptOutcome.DEFERRED.value}'")
 
 
 _CLAIM_SQL: str | None = None
@@ -249,7 +265,10 @@ def _claim_portable(db: Session, job_id: int, token: str, task_id: str | None, w
 
 
 def _load(db: DB, job_id: int) -> Any:
-    return db.execute(select(*_JOB_COLUMNS, *_CONNECTION_COLUMNS)
+    A = WritebackAttempt
+    deferrals = (select(func.count()).where(A.job_id == _J.id, A.outcome == AttemptOutcome.DEFERRED.value)
+                 .scalar_subquery().label("deferrals"))
+    return db.execute(select(*_JOB_COLUMNS, *_CONNECTION_COLUMNS, deferrals)
                       .outerjoin(_C, _C.id == _J.psa_connection_id).where(_J.id == job_id)).first()
 
 
@@ -311,7 +330,8 @@ def _snapshot(row: Any, token: str, started_at: dt.datetime | None = None) -> Cl
                      note_watermark_id=row.note_watermark_id,
                      note_external_id=row.note_external_id, target_status_id=row.target_status_id,
                      transition_skipped_reason=row.transition_skipped_reason, credentials=creds,
-                     setup_error=setup_error, ticket_key=row.ticket_key, started_at=started_at)
+                     setup_error=setup_error, ticket_key=row.ticket_key, started_at=started_at,
+                     deferrals=row.deferrals or 0)
     job.scratch["lease_renewed"] = time.monotonic()
     return job
 
@@ -558,7 +578,8 @@ def _finish_portable(db: DB, job: ClaimedJob, state: JobState, outcome: AttemptO
 def schedule_retry(job: ClaimedJob, delay: float, error: BaseException, http_status: int | None,
                    step: str | None, *, spend_attempt: bool = True) -> dt.datetime:
     """Back to `retrying` at now + delay. spend_attempt=False (our own rate limiter said
-    "not now") gives the attempt back by raising max_attempts: the row stays in the history.
+    "not now") gives the attempt back by raising max_attempts: the row stays in the history,
+    outcome "deferred" (which the next claim counts, so the backoff skips it too).
     (A literal, not `max_attempts + 1` in SQL: the row is fenced by our token, so the value
     we claimed is current, and a literal keeps the write on _update's prebuilt-SQL path.)"""
     now = utcnow()
@@ -572,7 +593,8 @@ def schedule_retry(job: ClaimedJob, delay: float, error: BaseException, http_sta
             return due
         if note_session:
             _update(db, AiSession, {"id": job.session_id}, {"updated_at": now, **note_session})
-        _close_attempt(db, job, AttemptOutcome.RETRY, now, error, http_status, step)
+        _close_attempt(db, job, AttemptOutcome.RETRY if spend_attempt else AttemptOutcome.DEFERRED, now, error,
+                       http_status, step)
     return due
 
 

@@ -25,6 +25,7 @@ TITLES = {
     "job_failed": "Writeback failed",
     "auth_failed": "PSA credentials rejected",
     "job_stuck": "Writeback job stuck",
+    "long_deferral": "PSA connection paused for long",
 }
 
 Quote = Callable[[str], str]

@@ -34,7 +34,7 @@ from tasks.store import db_retry
 from worker import metrics
 from worker.alert_payload import slack_message, summary
 from worker.app import app
-from worker.stuck import stuck_after, stuck_condition
+from worker.stuck import longest_wait, stuck_after, stuck_condition
 
 log = logging.getLogger("psa_writeback.alerts")
 
@@ -302,6 +302,10 @@ def run_checks() -> dict[str, int]:
         waited = int((now - due_since).total_seconds())
         message = (f"job {job_id} is {state} and has been due for {waited}s without starting "
                    f"(threshold {int(stuck_after().total_seconds())}s): is a worker consuming the queue?")
+        if waited < 0:
+            message = (f"job {job_id} is {state} with its next attempt {-waited}s from now ({due_since.isoformat()}), "
+                       f"further out than any retry or Retry-After may put it "
+                       f"({int(longest_wait().total_seconds())}s): nobody runs it before then; cancel it or reschedule it")
         stuck += raise_for_job(AlertKind.JOB_STUCK, job_id, message, {"due_since": due_since.isoformat()}) is not None
     missed = sum(raise_for_job(kind, job_id, details={"reconciled": True}) is not None
                  for job_id, kind in find_unalerted())

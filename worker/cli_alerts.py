@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     asub = al.add_subparsers(dest="alerts_cmd", required=True)
     ls = asub.add_parser("list", help="alerts, newest first")
     ls.add_argument("--open", action="store_true", help="only alerts not resolved yet")
-    ls.add_argument("--kind", help="verification_failed, job_failed, auth_failed or job_stuck")
+    ls.add_argument("--kind", help="verification_failed, job_failed, auth_failed, job_stuck or long_deferral")
     ls.add_argument("--account", type=int)
     ls.add_argument("--ticket", type=int)
     ls.add_argument("--job", type=int)

@@ -8,6 +8,7 @@ does not cost the others; tasks.events logs and swallows subscriber errors.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
@@ -76,6 +77,14 @@ def _auth_failed(*, connection_id: int | None, account_id: int | None, provider:
     alerts.raise_auth_failed(connection_id, account_id, provider, job_id, ticket_id, message)
 
 
+def _long_deferral(*, job_id: int, message: str, seconds: float, asked: float | None, **_: Any) -> None:
+    # One per job (the alerts' unique index); of a connection's 429 storm only the job
+    # whose 429 made the cooldown long gets here (tasks.ratelimit.start_cooldown).
+    finite = asked is not None and math.isfinite(asked)  # "Retry-After: inf" is not JSON
+    alerts.raise_for_job(AlertKind.LONG_DEFERRAL, job_id, message, {"wait_seconds": round(seconds, 1),
+                                                                     "asked_seconds": asked if finite else None})
+
+
 def _psa_call(*, provider: str, operation: str, status: int | None, seconds: float, error: str | None,
               **_: Any) -> None:
     metrics.PSA_LATENCY.labels(provider, operation).observe(seconds)
@@ -91,7 +100,7 @@ def _psa_call(*, provider: str, operation: str, status: int | None, seconds: flo
 
 for _event, _fn in (("job_finished", _count_finished), ("job_finished", _log_finished),
                     ("job_finished", _alert_finished), ("job_retry_scheduled", _count_retry),
-                    ("psa_auth_failed", _auth_failed)):
+                    ("psa_auth_failed", _auth_failed), ("long_deferral", _long_deferral)):
     events.subscribe(_event, _fn)
 http.add_observer(_psa_call)
 

@@ -10,7 +10,8 @@ CW does (Basic company+public:private, a clientId header), and injects faults:
   applying), `drop_after_apply` (apply, then close the socket without a reply),
   `slow_after_apply` (apply, then sleep past the client's timeout), `chaos` (a random
   share of calls fail as 5xx/429/drop/slow);
-- `latency`: seconds added to every call (benchmarks).
+- `latency`: seconds added to every call (benchmarks);
+- `in_flight` / `max_in_flight`: API requests being served now, and the most at once.
 
 Control it in-process (`SimulatorServer.state`) or over HTTP under `/_sim/` (the demo and
 benchmarks run it as a separate process: `python -m providers.simulators.connectwise`).
@@ -63,6 +64,9 @@ class SimState:
     tickets: dict[int, dict[str, Any]] = field(default_factory=dict)
     faults: list[FaultRule] = field(default_factory=list)
     calls: Counter = field(default_factory=Counter)
+    # API requests being served right now, and the most at once (tests of the in-flight cap)
+    in_flight: int = 0
+    max_in_flight: int = 0
     lock: threading.RLock = field(default_factory=threading.RLock)
     next_note_id: int = 1000
     rng: random.Random = field(default_factory=lambda: random.Random(7))
@@ -157,6 +161,16 @@ class _Handler(BaseHTTPRequestHandler):
         operation, ticket_id, board_id = route
         with state.lock:
             state.calls[operation] += 1
+            state.in_flight += 1
+            state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        try:
+            return self._serve(state, operation, ticket_id, board_id, body, query)
+        finally:
+            with state.lock:
+                state.in_flight -= 1
+
+    def _serve(self, state: SimState, operation: str, ticket_id: int | None, board_id: int | None, body: Any,
+               query: str) -> None:
         if state.latency:
             time.sleep(state.latency)
         if not self._authorised(state):
@@ -296,7 +310,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200 if t else 404, dict(t) if t else {"message": "no such ticket"})
         if path == "/_sim/stats" and method == "GET":
             with state.lock:
-                return self._send(200, {"calls": dict(state.calls),
+                return self._send(200, {"calls": dict(state.calls), "max_in_flight": state.max_in_flight,
                                         "notes": sum(len(t["notes"]) for t in state.tickets.values())})
         return self._send(404, {"message": f"no control route {method} {path}"})
 

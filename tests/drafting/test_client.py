@@ -58,12 +58,25 @@ def test_x_should_retry_false_overrides_a_5xx(api):
     assert len(api.messages_requests()) == 1
 
 
-def test_retry_after_is_a_floor_but_capped(api):
-    api.reply_error(429, retry_after=30)  # far beyond the cap: must not park the thread for 30 s
+def test_retry_after_is_a_floor(api):
+    api.reply_error(429, retry_after=0.4)
     api.reply_text("ok")
-    ask(_cfg(api, retry_max_delay_seconds=0.3), "s", MESSAGES, Usage())
+    ask(_cfg(api, retry_max_delay_seconds=0.5, retry_base_seconds=0.01), "s", MESSAGES, Usage())
     first, second = api.messages_requests()
-    assert 0.25 <= second.at - first.at < 5
+    assert 0.4 <= second.at - first.at < 5
+
+
+def test_a_retry_after_beyond_the_cap_fails_the_draft_instead_of_retrying_early(api):
+    # given the API answering 429 with retry-after 32 s, more than a draft may wait (30 s)
+    api.reply_error(429, retry_after=32)
+    api.reply_text("ok")  # what an early retry would (wrongly) have got
+    usage = Usage()
+    # then the draft fails at once, naming the wait and the cap, and never asks again early
+    with pytest.raises(DraftApiError) as info:
+        ask(_cfg(api, retry_max_delay_seconds=30), "s", MESSAGES, usage)
+    assert info.value.retryable is False and info.value.status == 429
+    assert "asked to wait 32s" in str(info.value) and "DRAFT_RETRY_MAX_DELAY_SECONDS=30" in str(info.value)
+    assert len(api.messages_requests()) == 1 and usage.api_calls == 1
 
 
 def test_a_timeout_is_retried_then_gives_up_naming_the_attempts(api):

@@ -201,7 +201,7 @@ def test_a_deferral_gives_the_attempt_back_once_even_when_run_again(world):
     with session_scope() as db:
         row = db.get(WritebackJob, job_id)
         assert (row.state, row.attempts, row.max_attempts) == ("retrying", 1, job.max_attempts + 1)
-    assert outcomes(job_id) == ["retry"]
+    assert outcomes(job_id) == ["deferred"]
 
 
 def test_the_lease_is_never_shorter_than_a_psa_call_can_take(monkeypatch):

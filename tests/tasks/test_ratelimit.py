@@ -28,7 +28,7 @@ def limiter_keys():
     yield new
     client = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"])
     for key in made:
-        client.delete(ratelimit._key("cooldown", key), ratelimit._key("bucket", key))
+        client.delete(ratelimit._key("cooldown", key), ratelimit._key("bucket", key), ratelimit._key("inflight", key))
 
 
 def test_the_bucket_lets_a_burst_through_then_holds_calls_to_the_rate(limiter_keys, monkeypatch):
@@ -89,6 +89,102 @@ def test_the_cooldown_lasts_retry_after_and_is_never_shortened(limiter_keys):
         ratelimit.gate("connectwise", "post_note")  # passes again
 
 
+def _redis_client() -> redis.Redis:
+    return redis.Redis.from_url(os.environ["CELERY_BROKER_URL"])
+
+
+def test_the_in_flight_cap_admits_that_many_jobs_and_a_released_slot_is_free_again(limiter_keys, monkeypatch):
+    # given a cap of 2 jobs in flight on a connection, and another connection
+    monkeypatch.setenv("PSA_MAX_INFLIGHT_PER_CONNECTION", "2")
+    key, other = limiter_keys(), limiter_keys()
+    first, second = ratelimit.counting_against(key, token="job-1", hold=60), \
+        ratelimit.counting_against(key, token="job-2", hold=60)
+    with first:
+        ratelimit.gate("connectwise", "list_notes")
+        ratelimit.gate("connectwise", "post_note")  # the job's later calls pass without asking again
+        with second:
+            ratelimit.gate("connectwise", "list_notes")
+            # then a third job of the same connection is refused, without a call, for a short while
+            with ratelimit.counting_against(key, token="job-3", hold=60), \
+                    pytest.raises(ratelimit.InflightCapReached) as refused:
+                ratelimit.gate("connectwise", "list_notes")
+            assert 0.5 <= refused.value.retry_after <= 1.0
+            assert "PSA_MAX_INFLIGHT_PER_CONNECTION" in str(refused.value)
+            # while another connection's job goes
+            with ratelimit.counting_against(other, token="job-4", hold=60):
+                ratelimit.gate("connectwise", "list_notes")
+        # and once a job leaves, its slot is free for the next one
+        assert _redis_client().zcard(ratelimit._key("inflight", key)) == 1
+        with ratelimit.counting_against(key, token="job-3", hold=60):
+            ratelimit.gate("connectwise", "list_notes")
+    assert _redis_client().zcard(ratelimit._key("inflight", key)) == 0
+
+
+def test_a_job_over_the_cap_waits_longer_the_more_often_it_waited_before():
+    for deferrals, low, high in ((0, 0.5, 1), (1, 1, 2), (3, 4, 8), (9, 15, 30)):
+        delays = [ratelimit.inflight_retry_delay(deferrals) for _ in range(50)]
+        assert all(low <= d <= high for d in delays), (deferrals, min(delays), max(delays))
+
+
+def test_a_slot_of_a_worker_that_died_mid_job_frees_itself_and_the_key_expires(limiter_keys, monkeypatch):
+    monkeypatch.setenv("PSA_MAX_INFLIGHT_PER_CONNECTION", "1")
+    key = limiter_keys()
+    # given a job that took the only slot for 0.5 s (its lease) and never released it
+    assert ratelimit.admit(key, 1, token="dead-job", hold=0.5) == ("go", 0.0)
+    assert ratelimit.admit(key, 1, token="next-job", hold=0.5)[0] == "full"
+    ttl = _redis_client().pttl(ratelimit._key("inflight", key))
+    assert 0 < ttl <= 1500  # the set goes when idle: its newest slot's hold plus a second
+    # then once its lease has run out, the next job gets the slot
+    time.sleep(0.6)
+    assert ratelimit.admit(key, 1, token="next-job", hold=0.5) == ("go", 0.0)
+    wait_for(lambda: not _redis_client().exists(ratelimit._key("inflight", key)), timeout=3,
+             message="the idle in-flight set to expire")
+
+
+def test_a_job_over_its_rate_takes_no_slot(limiter_keys, monkeypatch):
+    monkeypatch.setenv("PSA_MAX_INFLIGHT_PER_CONNECTION", "1")
+    monkeypatch.setenv("PSA_RATE_LIMIT_PER_SECOND", "0.5")
+    monkeypatch.setenv("PSA_RATE_LIMIT_BURST", "1")
+    monkeypatch.setenv("PSA_RATE_LIMIT_MAX_WAIT_SECONDS", "0.5")
+    key = limiter_keys()
+    with ratelimit.counting_against(key, token="a", hold=60):
+        ratelimit.gate("connectwise", "get_ticket")
+    with ratelimit.counting_against(key, token="b", hold=60), pytest.raises(ratelimit.Throttled) as refused:
+        ratelimit.gate("connectwise", "get_ticket")  # deferred for its tokens ...
+    assert not isinstance(refused.value, ratelimit.InflightCapReached)
+    assert _redis_client().zcard(ratelimit._key("inflight", key)) == 0  # ... holding no slot
+
+
+def test_the_cap_is_off_at_zero_and_fails_open_without_redis(limiter_keys, monkeypatch):
+    monkeypatch.setenv("PSA_MAX_INFLIGHT_PER_CONNECTION", "0")
+    key = limiter_keys()
+    for n in range(20):
+        assert ratelimit.admit(key, 1, token=f"job-{n}", hold=60) == ("go", 0.0)
+    monkeypatch.setenv("PSA_MAX_INFLIGHT_PER_CONNECTION", "1")
+    monkeypatch.setenv("RATE_LIMIT_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
+    monkeypatch.setattr(ratelimit, "_failed_at", 0.0)
+    try:
+        for n in range(3):
+            with ratelimit.counting_against(key, token=f"job-{n}", hold=60):
+                ratelimit.gate("connectwise", "get_ticket")  # goes ahead: fail open
+    finally:
+        monkeypatch.setattr(ratelimit, "_failed_at", 0.0)
+
+
+def test_a_retry_after_of_years_cools_down_for_the_cap_and_says_once_that_it_is_long(limiter_keys, monkeypatch):
+    monkeypatch.setenv("PSA_MAX_RETRY_AFTER_SECONDS", "900")
+    monkeypatch.setenv("LONG_DEFERRAL_ALERT_SECONDS", "600")
+    key, short = limiter_keys(), limiter_keys()
+    # when two workers hear the same 429 with Retry-After 99999999 (~3 years)
+    left, made_long = ratelimit.start_cooldown(key, 99999999)
+    again, made_long_again = ratelimit.start_cooldown(key, 99999999)
+    # then the cooldown is the cap, and only the first hears that it made it long
+    assert 899 <= left <= 900 and 899 <= ratelimit.cooldown_left(key) <= 900 and 899 <= again <= 900
+    assert (made_long, made_long_again) == (True, False)
+    # and a short one is not long
+    assert ratelimit.start_cooldown(short, 3)[1] is False
+
+
 def test_a_429_storm_on_one_tenant_neither_delays_another_nor_spends_attempts(db_clean, sim, worker):
     # given tenant A's PSA connection answering 429 with Retry-After 3 s to every call on
     # its tickets, and tenant B on its own connection
@@ -118,9 +214,13 @@ def test_a_429_storm_on_one_tenant_neither_delays_another_nor_spends_attempts(db
     throttled = 0
     for r in rows:
         history = [x for x in attempts(r.id) if x.outcome != "running"]
-        refused = [x for x in history if x.error_type == "Throttled"]
-        assert all(x.http_status is None for x in refused)
+        refused = [x for x in history if x.outcome == "deferred"]
+        assert all(x.http_status is None and x.error_type == "CoolingDown" for x in refused)
         assert all(x.http_status == 429 for x in history if x not in refused)
         assert r.max_attempts == 8 + len(refused)
         throttled += len(refused)
     assert throttled >= 1
+    # and once the storm is over, A's jobs finish too (none is left retrying, whose next
+    # message would run a later test's job of the same id on the suite's worker)
+    sim.state.faults.clear()
+    assert all(wait_terminal(i, timeout=30).state == "succeeded" for i in a_jobs)

@@ -22,8 +22,38 @@ def test_delay_is_half_fixed_half_random_under_an_exponential_ceiling(attempt, c
 
 def test_retry_after_is_a_floor_but_never_beyond_the_maximum():
     assert POLICY.delay(1, PsaRateLimited("slow down", retry_after=300), rng=random.Random(1)) == 300
-    assert POLICY.delay(1, PsaRateLimited("slow down", retry_after=99999), rng=random.Random(1)) == 1800
+    # the tenant's server picks Retry-After: PSA_MAX_RETRY_AFTER_SECONDS (default 900) caps it
+    assert POLICY.delay(1, PsaRateLimited("slow down", retry_after=99999999), rng=random.Random(1)) == 900
     assert POLICY.delay(1, PsaRateLimited("slow down", retry_after=1), rng=random.Random(1)) < 31
+
+
+def test_retry_after_is_honoured_above_the_backoff_cap_up_to_its_own_cap():
+    # a 2 s backoff cap (as in the tests) must not cut a 60 s Retry-After short: asking
+    # sooner only earns another 429; only PSA_MAX_RETRY_AFTER_SECONDS bounds it
+    short = RetryPolicy(base_seconds=0.2, max_delay_seconds=2, max_retry_after_seconds=120)
+    assert short.delay(1, PsaRateLimited("slow down", retry_after=60), rng=random.Random(1)) == 60
+    assert short.delay(1, PsaRateLimited("slow down", retry_after=10**8), rng=random.Random(1)) == 120
+
+
+def test_the_retry_after_cap_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("PSA_MAX_RETRY_AFTER_SECONDS", "42")
+    assert RetryPolicy.from_env().max_retry_after_seconds == 42
+    monkeypatch.delenv("PSA_MAX_RETRY_AFTER_SECONDS")
+    assert RetryPolicy.from_env().max_retry_after_seconds == 900
+
+
+def test_the_backoff_exponent_counts_real_failures_not_deferrals():
+    # given a job on its 6th execution whose 5 earlier ones were deferred by our own limiter
+    from tasks.store import ClaimedJob
+
+    job = ClaimedJob(id=1, kind="resolve", token="t", attempt_no=6, max_attempts=13, session_id=1, account_id=1,
+                     provider="connectwise", connection_id=1, ticket_id=1, markdown="x", note_visibility=None,
+                     note_state="none", note_baseline_ids=[], note_external_id=None, target_status_id=9,
+                     transition_skipped_reason=None, credentials=None, deferrals=5)
+    # then a real failure now is failure #1, and waits the first step's delay (30 s base)
+    assert job.failure_no == 1
+    delays = [POLICY.delay(job.failure_no, PsaTransientError("500"), rng=random.Random(s)) for s in range(50)]
+    assert all(15 <= d <= 30 for d in delays)
 
 
 @pytest.mark.parametrize("error,settles", [
