@@ -29,6 +29,7 @@ from models import AiSession, Alert, AlertKind, JobAction, JobState, NoteState, 
 from models.alerts import close_alerts
 from models.db import session_scope
 from models.enums import CLAIMABLE_STATES
+from models.notify import JOB_CHANNEL, notify
 from providers import provider_for
 from providers.base import Credentials
 from providers.errors import PsaError
@@ -187,6 +188,7 @@ def reverify(job_id: int, *, actor: str | None = None, reapply: bool = False, bu
             _action(db, job, "reverify", actor, JobState.VERIFICATION_FAILED.value, JobState.SUCCEEDED.value, message)
             close_alerts(db, Alert.job_id == job_id, Alert.kind == AlertKind.VERIFICATION_FAILED.value,
                          resolution=f"re-verified by {actor}")
+            notify(db, JOB_CHANNEL, job_id)  # a web request still waiting on it wakes up verified
             return RepairResult(job_id, "reverify", True, JobState.SUCCEEDED.value, message)
         db.execute(update(J).where(J.id == job_id, J.state == JobState.VERIFICATION_FAILED.value).values(
             observed_status_id=ticket.status_id, observed_status_name=ticket.status_name, updated_at=now))
@@ -228,6 +230,7 @@ def cancel(job_id: int, *, actor: str | None = None, reason: str = "", publish: 
         _action(db, job, "cancel", actor, before, JobState.CANCELLED.value, message)
         close_alerts(db, Alert.job_id == job_id, Alert.kind == AlertKind.JOB_STUCK.value,
                      resolution=f"cancelled by {actor}")
+        notify(db, JOB_CHANNEL, job_id)  # a web request waiting on it gets `cancelled` now
     nxt = store.next_on_ticket(job_id)  # a job queued behind this one on the ticket may go now
     if nxt is not None:
         _publish(publish)(*nxt)
