@@ -116,9 +116,8 @@ class Listener:
             try:
                 conn = self._connect()
                 with conn.cursor() as cur:
-                    cur.execute("; ".join(f"LISTEN {c}" for c in self.channels))
-                    cur.execute("SELECT pg_backend_pid()")
-                    self.backend_pid = cur.fetchone()[0]
+                    cur.execute(self._listen_sql())
+                self.backend_pid = conn.get_backend_pid()
                 self.connects += 1
                 self._listening.set()
                 delay = 0.05
@@ -139,14 +138,17 @@ class Listener:
                 self._stop.wait(delay)
                 delay = min(delay * 2, _RECONNECT_MAX_SECONDS)
 
+    def _listen_sql(self) -> str:
+        return "; ".join(f"LISTEN {c}" for c in self.channels)
+
     def _serve(self, conn: Any) -> None:
         quiet_since = time.monotonic()
         while not self._stop.is_set():
             readable, _, _ = select.select([conn], [], [], _SELECT_SECONDS)
             if not readable:
                 if time.monotonic() - quiet_since > _PING_IDLE_SECONDS:
-                    with conn.cursor() as cur:  # raises if the server is gone
-                        cur.execute("SELECT 1")
+                    with conn.cursor() as cur:  # raises if the server is gone; LISTEN is idempotent
+                        cur.execute(self._listen_sql())
                     quiet_since = time.monotonic()
                 continue
             conn.poll()  # raises OperationalError when the server closed the connection
