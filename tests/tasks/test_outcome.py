@@ -311,3 +311,29 @@ def test_outcome_for_session_is_the_latest_job_of_that_kind(world, worker):
     o = outcome_for_session(sid, "resolve")
     assert (o.job_id, o.status) == (job_id, "resolved")
     assert o.to_dict()["psa_status_verified_at"].endswith("+00:00")
+
+
+def _readme_endpoints() -> dict:
+    """The README's worked example, executed as written."""
+    readme = (harness.ROOT / "README.md").read_text()
+    start = readme.index("**The spec's three endpoints**")
+    code = readme[readme.index("```python\n", start) + len("```python\n"):readme.index("```", readme.index(
+        "```python\n", start) + 10)]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    return namespace
+
+
+def test_the_readme_endpoints_answer_200_then_409_and_local_and_bad_input(world, worker):
+    api = _readme_endpoints()
+    sid = world.session(13_990)
+    status, body = api["resolution_post"](sid, {"markdown": "Fixed via README."}, "req-1")
+    assert (status, body["status"], body["psa_status_id"]) == (200, "resolved", RESOLVED)
+    # the client retries the same request: same job, same answer
+    assert api["resolution_post"](sid, {"markdown": "Fixed via README."}, "req-1") == (status, body)
+    status, again = api["resolution_post"](sid, {"markdown": "Once more."}, "req-2")
+    assert (status, again["status"], again["job_id"]) == (409, "conflict", body["job_id"])
+    status, local = api["escalation_post"](world.session(linked=False), {"markdown": "## Problem\nx"}, "req-3")
+    assert (status, local["status"]) == (200, "escalated_local")
+    assert api["escalation_post"](sid, {"markdown": "  "}, "req-4")[0] == 400
+    assert api["resolution_post"](999_999, {"markdown": "x"}, "req-5")[0] == 404
