@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from models import AiSession, DraftPreview, DraftStatus, JobKind, JobState, WritebackJob
 from models.db import get_engine
+from tasks import validation as v
 from tasks.errors import ConflictError, NotFoundError, RequestError
 
 # Writeback statuses (WritebackOutcome.status) and the HTTP status each answers.
@@ -109,7 +110,8 @@ _COLUMNS = (_J.id, _J.session_id, _J.kind, _J.state, _J.result, _J.note_external
 
 def outcome(job_id: int) -> WritebackOutcome:
     """The job's outcome now (pending while it is queued, running or retrying).
-    Raises NotFoundError for an unknown job id."""
+    Raises NotFoundError for an unknown job id, RequestError for one that is not an id."""
+    job_id = v.positive_int(job_id, "job_id")
     with get_engine().connect() as conn:
         row = conn.execute(select(*_COLUMNS).where(_J.id == job_id)).first()
     if row is None:
@@ -120,6 +122,7 @@ def outcome(job_id: int) -> WritebackOutcome:
 def outcome_for_session(session_id: int, kind: str) -> WritebackOutcome:
     """The outcome of the session's latest job of this kind (resolve, escalate, ...).
     Raises NotFoundError when the session has none, RequestError for an unknown kind."""
+    session_id = v.positive_int(session_id, "session_id")
     row = _latest(session_id, _kind(kind))
     if row is None:
         raise NotFoundError(f"session {session_id} has no {kind} writeback", field="session_id")
@@ -194,6 +197,7 @@ _PREVIEW_COLUMNS = (_P.id, _P.session_id, _P.kind, _P.status, _P.markdown, _P.er
 
 def preview_outcome(preview_id: int) -> PreviewOutcome:
     """The preview's outcome now. Raises NotFoundError for an unknown preview id."""
+    preview_id = v.positive_int(preview_id, "preview_id")
     with get_engine().connect() as conn:
         row = conn.execute(select(*_PREVIEW_COLUMNS).where(_P.id == preview_id)).first()
     if row is None:

@@ -13,6 +13,7 @@ timeout. On SQLite (the demo) there is no NOTIFY: waiters poll every POLL_SECOND
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from typing import Any, TypeVar
 
 from models.db import get_engine
 from models.notify import JOB_CHANNEL, PREVIEW_CHANNEL
+from tasks import validation as v
+from tasks.errors import RequestError
 from tasks.outcome import PreviewOutcome, WritebackOutcome, outcome, preview_outcome
 from tasks.outcome_listener import listener
 from tasks.store import transient_db_error
@@ -33,24 +36,33 @@ T = TypeVar("T", WritebackOutcome, PreviewOutcome)
 
 def wait_for_outcome(job_id: int, timeout: float = DEFAULT_TIMEOUT) -> WritebackOutcome:
     """The job's outcome as soon as it is terminal, or the pending one (202) at `timeout`
-    seconds. A job already finished returns at once. NotFoundError for an unknown id."""
-    return _wait(JOB_CHANNEL, job_id, outcome, timeout)
+    seconds. A job already finished returns at once. NotFoundError for an unknown id,
+    RequestError for one that is not an id or a timeout that is not a number."""
+    return _wait(JOB_CHANNEL, v.positive_int(job_id, "job_id"), outcome, _timeout(timeout))
 
 
 def wait_for_preview(preview_id: int, timeout: float = DEFAULT_TIMEOUT) -> PreviewOutcome:
     """The draft's markdown (succeeded) or failure reason (failed, superseded) as soon as it
     has one, or the pending outcome at `timeout`. NotFoundError for an unknown id."""
-    return _wait(PREVIEW_CHANNEL, preview_id, preview_outcome, timeout)
+    return _wait(PREVIEW_CHANNEL, v.positive_int(preview_id, "preview_id"), preview_outcome, _timeout(timeout))
 
 
 async def async_wait_for_outcome(job_id: int, timeout: float = DEFAULT_TIMEOUT) -> WritebackOutcome:
     """wait_for_outcome for asyncio frameworks: the event loop is never blocked (reads run
     in the loop's default executor; the listener thread wakes the task thread-safely)."""
-    return await _async_wait(JOB_CHANNEL, job_id, outcome, timeout)
+    return await _async_wait(JOB_CHANNEL, v.positive_int(job_id, "job_id"), outcome, _timeout(timeout))
 
 
 async def async_wait_for_preview(preview_id: int, timeout: float = DEFAULT_TIMEOUT) -> PreviewOutcome:
-    return await _async_wait(PREVIEW_CHANNEL, preview_id, preview_outcome, timeout)
+    return await _async_wait(PREVIEW_CHANNEL, v.positive_int(preview_id, "preview_id"), preview_outcome,
+                             _timeout(timeout))
+
+
+def _timeout(value: float) -> float:
+    # bool is an int: True must not mean one second. NaN or inf would never time out.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"timeout must be a finite number of seconds, got {value!r:.40}", field="timeout")
+    return max(float(value), 0.0)
 
 
 def _postgres() -> bool:
@@ -78,7 +90,7 @@ class _ThreadWaker:
 
 
 def _wait(channel: str, row_id: int, read: Callable[[int], T], timeout: float) -> T:
-    deadline = time.monotonic() + max(timeout, 0.0)
+    deadline = time.monotonic() + timeout
     if not _postgres():
         while True:
             current = _read(read, row_id)
@@ -119,7 +131,7 @@ class _AsyncWaker:
 
 async def _async_wait(channel: str, row_id: int, read: Callable[[int], T], timeout: float) -> T:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + max(timeout, 0.0)
+    deadline = loop.time() + timeout
 
     async def read_now() -> Any:
         return await loop.run_in_executor(None, _read, read, row_id)

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from models.db import get_engine, session_scope
-from tasks import ConflictError, NotFoundError, enqueue_escalate, enqueue_resolve, admin, repair
+from tasks import ConflictError, NotFoundError, RequestError, admin, enqueue_escalate, enqueue_resolve, repair
 from tasks import outcome_wait
 from tasks.enqueue import build_job
 from models import JobKind
@@ -302,6 +302,21 @@ def test_unknown_ids_and_sessions_are_clear_not_found_errors(world):
     sid = world.session(linked=False)
     with pytest.raises(NotFoundError, match=f"session {sid} has no resolve writeback"):
         outcome_for_session(sid, "resolve")
+    with pytest.raises(RequestError, match="kind must be one of"):
+        outcome_for_session(sid, "resolved")
+
+
+def test_ids_and_timeouts_from_a_request_are_validated_with_clear_errors(world):
+    with pytest.raises(RequestError, match="job_id must be a positive integer, got str"):
+        wait_for_outcome("1; DROP TABLE writeback_jobs", timeout=1)
+    with pytest.raises(RequestError, match="job_id must be a positive integer, got -3"):
+        outcome(-3)
+    with pytest.raises(RequestError, match="timeout must be a finite number of seconds"):
+        wait_for_outcome(1, timeout=float("nan"))
+    with pytest.raises(RequestError, match="timeout must be a finite number"):
+        asyncio.run(async_wait_for_outcome(1, timeout="soon"))
+    job_id = _unpublished_job(world.session(linked=False))
+    assert wait_for_outcome(str(job_id), timeout=0).job_id == job_id  # a path parameter, still text
 
 
 def test_outcome_for_session_is_the_latest_job_of_that_kind(world, worker):
