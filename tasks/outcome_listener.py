@@ -175,3 +175,13 @@ def listener() -> Listener:
                 _listener.stop(timeout=0)  # the engine changed (tests, the CLI's --database)
             _listener, _owner = Listener(), owner
         return _listener
+
+
+def shutdown(timeout: float = 5.0) -> None:
+    """Stop this process's listener and close its connection (a web server's shutdown hook;
+    tests before they drop their database). The next waiter starts a new one."""
+    global _listener, _owner
+    with _singleton_lock:
+        lst, _listener, _owner = _listener, None, None
+    if lst is not None:
+        lst.stop(timeout)

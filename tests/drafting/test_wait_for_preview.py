@@ -12,12 +12,22 @@ from models.db import session_scope
 from tasks import NotFoundError
 from tasks import outcome_wait
 from tasks.drafting import enqueue_draft_preview
+from tasks import outcome_listener
 from tasks.outcome_listener import listener
 from tasks.outcome_wait import wait_for_preview
 from tests.drafting.builders import GOOD_ESCALATION, add_message, make_session, wait_preview
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.usefixtures("db_clean", "drafting_worker")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_listener():
+    """This module's waiters share one listener; stop it when the module is done, so no
+    connection of it outlives the module (later tests kill backends, the suite drops its
+    database)."""
+    yield
+    outcome_listener.shutdown()
 
 
 def _unpublished_preview(session_id: int) -> int:
