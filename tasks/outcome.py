@@ -184,11 +184,25 @@ def from_row(row: Any) -> WritebackOutcome:
                                 psa_status_verified_at=row.verified_at, **common)
     error = dict(error=row.error_message, error_type=row.error_type)
     if state is JobState.FAILED:
-        # The PSA refused or could not be reached (our provider errors are all Psa*): a bad
-        # gateway, as the spec answered. Anything else is ours to fix: 500.
-        upstream = (row.error_type or "").startswith("Psa")
+        # The PSA refused or could not be reached: a bad gateway, as the spec answered.
+        # Anything else (configuration, a worker lost) is ours to fix: 500.
+        upstream = row.error_type in _psa_error_names()
         return WritebackOutcome(status="failed", http_status=502 if upstream else 500, **common, **error)
     return WritebackOutcome(status=state.value, http_status=_HTTP[state.value], **common, **error)
+
+
+def _psa_error_names() -> set[str]:
+    """Names of every provider error type (PsaError and its subclasses, whatever each
+    provider module calls them): the job row keeps the error's type name only."""
+    import providers  # noqa: F401  (imports every registered provider, and so its error types)
+    from providers.errors import PsaError
+
+    names, todo = set(), [PsaError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
 
 
 _P = DraftPreview

@@ -146,7 +146,18 @@ def test_a_psa_that_refuses_the_note_is_a_502_failure_with_the_vendor_reason(wor
     world.sim.state.add_fault(action="error", status=400, operation="post_note", ticket_id=13_310)
     o = wait_for_outcome(enqueue_resolve(None, sid, "Done."), timeout=20)
     assert (o.status, o.http_status) == ("failed", 502)
-    assert o.error_type.startswith("Psa") and o.error
+    assert o.error_type == "PsaBadRequest" and o.error
+
+
+def test_a_failure_of_ours_is_a_500_not_a_502(world, worker):
+    # given a job whose PSA connection is deactivated after it was enqueued
+    job_id = _unpublished_job(world.session(13_320))
+    with get_engine().begin() as conn:
+        conn.execute(text("UPDATE psa_connections SET is_active = false WHERE id = :id"), {"id": world.connection_id})
+    publish(job_id, "resolve")
+    o = wait_for_outcome(job_id, timeout=20)
+    assert (o.status, o.http_status, o.error_type) == ("failed", 500, "ConfigurationError")
+    assert "deactivated" in o.error
 
 
 def test_a_second_resolve_of_a_posted_session_is_the_409_outcome_pointing_at_the_first(world, worker):
