@@ -188,7 +188,7 @@ def reverify(job_id: int, *, actor: str | None = None, reapply: bool = False, bu
             _action(db, job, "reverify", actor, JobState.VERIFICATION_FAILED.value, JobState.SUCCEEDED.value, message)
             close_alerts(db, Alert.job_id == job_id, Alert.kind == AlertKind.VERIFICATION_FAILED.value,
                          resolution=f"re-verified by {actor}")
-            notify(db, JOB_CHANNEL, job_id)  # a web request still waiting on it wakes up verified
+            notify(db, JOB_CHANNEL, job_id)  # its outcome changed: listeners read it again
             return RepairResult(job_id, "reverify", True, JobState.SUCCEEDED.value, message)
         db.execute(update(J).where(J.id == job_id, J.state == JobState.VERIFICATION_FAILED.value).values(
             observed_status_id=ticket.status_id, observed_status_name=ticket.status_name, updated_at=now))

@@ -500,7 +500,8 @@ def _finish_pg(db: DB, job: ClaimedJob, state: JobState, job_columns: dict[str, 
     params["conn"] = job.connection_id
     row = _conn(db).exec_driver_sql(
         f"{_RELAXED}; WITH {', '.join(parts)} SELECT (SELECT count(*) FROM j) AS updated, n.id, n.kind, "
-        f"{_OPEN_ALERTS} AS open_alerts, {_NOTIFY_OUTCOME} AS notified FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT id, kind FROM writeback_jobs "
+        f"{_OPEN_ALERTS} AS open_alerts, {_NOTIFY_OUTCOME} AS notified "
+        "FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT id, kind FROM writeback_jobs "
         f"WHERE ticket_key = %(key)s AND id > %(id)s AND state IN ({_CLAIMABLE_SQL}) ORDER BY id LIMIT 1) AS n "
         "ON true", params).first()
     nxt = (row.id, row.kind) if row.id is not None else None  # read by the same statement, matched or not
