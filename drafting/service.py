@@ -24,6 +24,7 @@ from drafting.errors import DraftError
 from drafting.state import SessionState, load_state, state_hash
 from models import DraftKind, DraftPreview, DraftStatus, utcnow
 from models.db import session_scope
+from models.notify import PREVIEW_CHANNEL, notify
 
 log = logging.getLogger("psa_writeback.drafting")
 
@@ -132,6 +133,9 @@ def _store(preview_id: int, task_id: str, cfg: DraftConfig, usage: Usage, starte
 def _finish(row: DraftPreview, status: DraftStatus, *, markdown: str | None = None, error: str | None = None) -> None:
     row.status, row.markdown, row.error = status.value, markdown, error
     row.lease_until, row.completed_at = None, utcnow()
+    session = Session.object_session(row)
+    if session is not None:  # wakes the web tier's wait_for_preview when this commits
+        notify(session, PREVIEW_CHANNEL, row.id)
 
 
 def _get_or_create(db: Session, session_id: int, kind: DraftKind, digest: str) -> DraftPreview:
@@ -154,11 +158,13 @@ def _get_or_create(db: Session, session_id: int, kind: DraftKind, digest: str) -
 def _supersede_others(db: Session, session_id: int, kind: DraftKind, digest: str) -> None:
     # A pending preview of an older state will never be drafted (the task drafts the
     # current state): say so, so whoever polls it stops waiting.
-    db.execute(update(DraftPreview).where(
+    superseded = db.scalars(update(DraftPreview).where(
         DraftPreview.session_id == session_id, DraftPreview.kind == kind.value,
         DraftPreview.status == DraftStatus.PENDING.value, DraftPreview.state_hash != digest,
     ).values(status=DraftStatus.SUPERSEDED.value, error="the session changed before this state was drafted",
-             completed_at=utcnow()))
+             completed_at=utcnow()).returning(DraftPreview.id)).all()
+    for preview_id in superseded:  # their waiters (wait_for_preview) get `superseded` at once
+        notify(db, PREVIEW_CHANNEL, preview_id)
 
 
 def _lease_expired(row: DraftPreview) -> bool:

@@ -30,6 +30,7 @@ from models.alerts import close_alerts
 from models.db import session_scope
 from models.limits import clamp
 from models.enums import CLAIMABLE_STATES
+from models.notify import JOB_CHANNEL, notify
 from providers import provider_for
 from providers.base import Credentials
 from providers.errors import PsaError
@@ -188,6 +189,7 @@ def reverify(job_id: int, *, actor: str | None = None, reapply: bool = False, bu
             _action(db, job, "reverify", actor, JobState.VERIFICATION_FAILED.value, JobState.SUCCEEDED.value, message)
             close_alerts(db, Alert.job_id == job_id, Alert.kind == AlertKind.VERIFICATION_FAILED.value,
                          resolution=f"re-verified by {actor}")
+            notify(db, JOB_CHANNEL, job_id)  # its outcome changed: listeners read it again
             return RepairResult(job_id, "reverify", True, JobState.SUCCEEDED.value, message)
         db.execute(update(J).where(J.id == job_id, J.state == JobState.VERIFICATION_FAILED.value).values(
             **clamp(J.__table__, dict(observed_status_id=ticket.status_id, observed_status_name=ticket.status_name,
@@ -230,6 +232,7 @@ def cancel(job_id: int, *, actor: str | None = None, reason: str = "", publish: 
         _action(db, job, "cancel", actor, before, JobState.CANCELLED.value, message)
         close_alerts(db, Alert.job_id == job_id, Alert.kind == AlertKind.JOB_STUCK.value,
                      resolution=f"cancelled by {actor}")
+        notify(db, JOB_CHANNEL, job_id)  # a web request waiting on it gets `cancelled` now
     nxt = store.next_on_ticket(job_id)  # a job queued behind this one on the ticket may go now
     if nxt is not None:
         _publish(publish)(*nxt)

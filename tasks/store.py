@@ -28,6 +28,7 @@ from models.db import get_engine, session_scope, transaction
 from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
 from models.jobs import ERROR_MESSAGE_LIMIT
 from models.limits import clamp
+from models.notify import JOB_CHANNEL, notify
 from providers.base import Credentials
 from providers.http import timeouts
 from tasks.errors import LeaseLost
@@ -536,7 +537,8 @@ def _finish_pg(db: DB, job: ClaimedJob, state: JobState, job_columns: dict[str, 
     params["conn"] = job.connection_id
     row = _conn(db).exec_driver_sql(
         f"{_RELAXED}; WITH {', '.join(parts)} SELECT (SELECT count(*) FROM j) AS updated, n.id, n.kind, "
-        f"{_OPEN_ALERTS} AS open_alerts FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT id, kind FROM writeback_jobs "
+        f"{_OPEN_ALERTS} AS open_alerts, {_NOTIFY_OUTCOME} AS notified "
+        "FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT id, kind FROM writeback_jobs "
         f"WHERE ticket_key = %(key)s AND id > %(id)s AND state IN ({_CLAIMABLE_SQL}) ORDER BY id LIMIT 1) AS n "
         "ON true", params).first()
     nxt = (row.id, row.kind) if row.id is not None else None  # read by the same statement, matched or not
@@ -545,6 +547,11 @@ def _finish_pg(db: DB, job: ClaimedJob, state: JobState, job_columns: dict[str, 
         return nxt
     job.scratch["open_alerts"] = row.open_alerts
     return nxt
+
+
+# The web tier's waiters (tasks.outcome_wait) LISTEN for this: sent only if the guarded
+# update matched, in the outcome's own round trip, and delivered by PostgreSQL on COMMIT.
+_NOTIFY_OUTCOME = f"(SELECT pg_notify('{JOB_CHANNEL}', id::text) FROM j)"
 
 
 # Whether an alert about this job, or an auth alert about its connection, is open: the
@@ -568,6 +575,7 @@ def _finish_portable(db: DB, job: ClaimedJob, state: JobState, outcome: AttemptO
     job_columns = {k: v for k, v in job_columns.items() if k != "updated_at"}
     if not _guarded(db, job, done_state=state.value, **job_columns):
         return nxt  # already recorded by our own earlier try (see _guarded)
+    notify(db, JOB_CHANNEL, job.id)  # waiters of the web tier (a no-op on SQLite)
     if session_columns:
         _update(db, AiSession, {"id": job.session_id}, session_columns)
     _close_attempt(db, job, outcome, now, error, http_status, step)
