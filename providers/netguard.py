@@ -152,6 +152,8 @@ def resolve_checked(host: str, port: int, *, tls: bool, family: int = socket.AF_
     name = normalise_host(host)
     if name in METADATA_NAMES:
         raise PsaUnsafeDestination(f"{host} is a cloud metadata name; PSA calls never go there")
+    if (literal := _literal(name)) is not None and _is_metadata(literal):
+        raise PsaUnsafeDestination(f"{host} is a cloud metadata address; PSA calls never go there")
     if not tls and (reason := plain_http_refusal(host, allow)):
         raise PsaUnsafeDestination(reason)
     infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
@@ -181,7 +183,7 @@ def check_base_url(url: str) -> str:
     if parts.query or parts.fragment:
         raise UnsafeUrlError("base_url must not have a query string or fragment")
     try:
-        if normalise_host(host) in METADATA_NAMES or not allowlist().allows_name(host):
+        if normalise_host(host) not in allowlist().names or normalise_host(host) in METADATA_NAMES:
             # A host the operator named is not looked up here: an on-prem name may resolve
             # only on the workers' network. The workers check every address when they connect.
             resolve_checked(host, port or (443 if scheme == "https" else 80), tls=scheme == "https")

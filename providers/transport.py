@@ -42,13 +42,15 @@ WATCHDOG_TICK = 0.05  # how late past its deadline a blocked call may be cut
 
 
 class Budget:
-    """One call's deadline, and the connection it is using (set by the connection)."""
-    __slots__ = ("deadline", "seconds", "conn", "expired", "done")
+    """One call's deadline, and the socket it is using (set by the connection). The socket
+    itself, not the connection: http.client drops a connection's socket as soon as the
+    headers say the reply ends at close, and the body is then read from that socket."""
+    __slots__ = ("deadline", "seconds", "sock", "expired", "done")
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.deadline = time.monotonic() + seconds
-        self.conn: Any = None
+        self.sock: Any = None
         self.expired = False
         self.done = False
 
@@ -106,7 +108,7 @@ def _expire(budget: Budget) -> None:
         if budget.done:
             return
         budget.expired = True
-        sock = getattr(budget.conn, "sock", None)
+        sock = budget.sock
         sock = sock if isinstance(sock, socket.socket) else getattr(sock, "socket", None)  # TLS-in-TLS
         if isinstance(sock, socket.socket):
             try:
@@ -122,13 +124,13 @@ class _Checked:
     _tls = False
 
     def connect(self) -> None:
-        if (budget := _current()) is not None:
-            budget.conn = self
         super().connect()  # type: ignore[misc]
+        if (budget := _current()) is not None:
+            budget.sock = self.sock  # type: ignore[attr-defined]  # the TLS socket, once wrapped
 
     def request(self, *args: Any, **kwargs: Any) -> None:
-        if (budget := _current()) is not None:
-            budget.conn = self  # a kept-alive connection: register it for this call
+        if (budget := _current()) is not None and self.sock is not None:  # type: ignore[attr-defined]
+            budget.sock = self.sock  # type: ignore[attr-defined]  # a kept-alive connection
         super().request(*args, **kwargs)  # type: ignore[misc]
 
     def _new_conn(self) -> socket.socket:
@@ -172,6 +174,8 @@ def _connect_any(infos: list[tuple], timeout: Any, source_address: Any, options:
                 sock.settimeout(limit)
             if source_address:
                 sock.bind(source_address)
+            if budget is not None:
+                budget.sock = sock  # the TLS handshake reads from it before connect() returns
             sock.connect(sockaddr)
             return sock
         except OSError as err:
