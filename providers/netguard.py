@@ -104,9 +104,11 @@ def address_problem(ip: IP) -> str | None:
     if ip in METADATA_ADDRESSES:
         return "cloud metadata"
     if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour or (
-            ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None)
-        if embedded is not None and (problem := address_problem(embedded)):
+        # An IPv4-mapped or NAT64 address is its IPv4 address (NAT64: an IPv6-only host
+        # reaching an IPv4 PSA); a 6to4 one must pass as itself and as what it embeds.
+        if (translated := _translated(ip)) is not None:
+            return address_problem(translated)
+        if ip.sixtofour is not None and (problem := address_problem(ip.sixtofour)):
             return problem
     for problem, hit in (("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
                          ("multicast", ip.is_multicast), ("unspecified", ip.is_unspecified),
@@ -117,10 +119,14 @@ def address_problem(ip: IP) -> str | None:
     return None
 
 
+def _translated(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    return ip.ipv4_mapped or (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None)
+
+
 def _is_metadata(ip: IP) -> bool:
     if ip in METADATA_ADDRESSES:
         return True
-    return isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped in METADATA_ADDRESSES
+    return isinstance(ip, ipaddress.IPv6Address) and _translated(ip) in METADATA_ADDRESSES
 
 
 def refusal(host: str, ip: IP, allow: Allowlist) -> str | None:
