@@ -39,6 +39,8 @@ def setup_env() -> dict[str, str]:
         "PSA_WRITEBACK_ENCRYPTION_KEYS": harness.FAKE_FERNET_KEY,
         "BENCH_DSN": url,
         "DB_POOL_SIZE": os.environ.get("DB_POOL_SIZE", "10"),
+        # The simulator is on loopback, which PSA calls refuse unless allowed.
+        "PSA_ALLOWED_HOSTS": os.environ.get("PSA_ALLOWED_HOSTS", "127.0.0.1,localhost,::1"),
     })
     return dict(os.environ)
 
