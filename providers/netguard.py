@@ -133,16 +133,15 @@ def refusal(host: str, ip: IP, allow: Allowlist) -> str | None:
     """Why the worker must not connect to `ip` for `host` (None: it may). The message names
     the category, not the address a name resolved to: a tenant must not learn our internal
     DNS by pointing its PSA URL at our names."""
-    shown = host if _literal(normalise_host(host)) is None else str(ip)
+    what = f"{ip} is a" if _literal(normalise_host(host)) is not None else f"{host} resolves to a"
     if _is_metadata(ip):
-        return f"{shown} is a cloud metadata address; PSA calls never go there"
+        return f"{what} cloud metadata address; PSA calls never go there"
     if allow.allows_name(host) or allow.allows_address(ip):
         return None
     problem = address_problem(ip)
     if problem is None:
         return None
-    what = f"{shown} is a {problem} address" if shown == str(ip) else f"{shown} resolves to a {problem} address"
-    return f"{what}; the worker only calls public addresses unless the host is listed in {SETTING}"
+    return f"{what} {problem} address; the worker only calls public addresses unless the host is listed in {SETTING}"
 
 
 def plain_http_refusal(host: str, allow: Allowlist) -> str | None:
