@@ -127,3 +127,16 @@ def test_limits_leave_ordinary_replies_and_keep_alive_alone(hostile):
             "id": 5, "status": {"id": 1, "name": "New"}}
     # One connection, opened (and its address checked) once, then kept alive.
     assert len(server.seen) == 3 and len({r["client"] for r in server.seen}) == 1
+
+
+def test_the_job_lease_outlasts_a_call_cut_at_its_deadline(monkeypatch):
+    # A POST may take up to the deadline and still land: a successor execution may only
+    # start (and look for the note) once that call is over, so the lease must outlast it.
+    from tasks.store import lease_seconds, min_lease_seconds
+
+    monkeypatch.setenv("PSA_CONNECT_TIMEOUT", "5")
+    monkeypatch.setenv("PSA_READ_TIMEOUT", "3")
+    assert min_lease_seconds() == 5 + 3 + 3 + 1  # default deadline: connect + read
+    monkeypatch.setenv("PSA_CALL_DEADLINE_SECONDS", "60")
+    monkeypatch.setenv("JOB_LEASE_SECONDS", "20")
+    assert min_lease_seconds() == 60 + 3 + 1 and lease_seconds() == 64
