@@ -42,6 +42,8 @@ def setup_env() -> dict[str, str]:
         # Figures (2)-(4) run one tenant's jobs on every thread: the in-flight cap per
         # connection (default 8) would measure the cap, not the worker. Its Redis calls stay.
         "PSA_MAX_INFLIGHT_PER_CONNECTION": os.environ.get("PSA_MAX_INFLIGHT_PER_CONNECTION", "1000"),
+        # The simulator is on loopback, which PSA calls refuse unless allowed.
+        "PSA_ALLOWED_HOSTS": os.environ.get("PSA_ALLOWED_HOSTS", "127.0.0.1,localhost,::1"),
     })
     return dict(os.environ)
 

@@ -23,11 +23,16 @@ from models.enums import NoteVisibility
 from providers.base import BoardStatus, Credentials, PostedNote, Ticket
 from providers.errors import PsaProtocolError
 from providers.http import call, pooled_session
+from providers.text import clean_line, clean_optional, clean_text
 
 API_VERSION = os.environ.get("CW_API_VERSION", "2025.16")
 TICKET_FIELDS = "id,status,closedFlag,board,_info"
 NOTE_PAGE_SIZE = 1000  # CW's maximum pageSize
 NOTE_PAGES_MAX = 20
+# Vendor strings are cleaned of control characters and clamped here, at the boundary
+# (providers.text): a status name goes to logs, alerts and terminals, and into String(200).
+STATUS_NAME_LIMIT = 200
+NOTE_ID_LIMIT = 64
 
 _FLAGS = {
     NoteVisibility.RESOLUTION: {"detailDescriptionFlag": False, "internalAnalysisFlag": False, "resolutionFlag": True},
@@ -106,7 +111,8 @@ class ConnectWiseProvider:
                           params={"pageSize": 1000})
         if not isinstance(body, list):
             raise PsaProtocolError("statuses reply was not a list", operation="list_statuses")
-        return [BoardStatus(id=int(s["id"]), name=str(s.get("name", "")), closed=bool(s.get("closedStatus")),
+        return [BoardStatus(id=int(s["id"]), name=clean_line(s.get("name", ""), STATUS_NAME_LIMIT),
+                            closed=bool(s.get("closedStatus")),
                             inactive=bool(s.get("inactive"))) for s in body]
 
 
@@ -115,7 +121,8 @@ def _ticket(body: Any) -> Ticket:
         raise PsaProtocolError("ticket reply had no id", operation="get_ticket")
     status = body.get("status") or {}
     board = body.get("board") or {}
-    return Ticket(id=int(body["id"]), status_id=_int(status.get("id")), status_name=status.get("name"),
+    return Ticket(id=int(body["id"]), status_id=_int(status.get("id")),
+                  status_name=clean_optional(status.get("name"), STATUS_NAME_LIMIT),
                   board_id=_int(board.get("id")), closed=body.get("closedFlag"))
 
 
@@ -137,7 +144,10 @@ def _note(body: Any) -> PostedNote:
     else:
         vis = None
     created = body.get("dateCreated")
-    return PostedNote(id=str(body["id"]), text=str(body.get("text") or ""), visibility=vis,
+    note_id = str(body["id"])
+    if len(note_id) > NOTE_ID_LIMIT or not note_id.isprintable():  # CW ids are integers
+        raise PsaProtocolError("note reply had an id that is not a ConnectWise note id", operation="post_note")
+    return PostedNote(id=note_id, text=clean_text(body.get("text") or ""), visibility=vis,
                       created_at=_parse_dt(created) if created else None)
 
 

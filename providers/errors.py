@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from providers.text import clean_line
+
 BODY_EXCERPT_LIMIT = 300
+VENDOR_CODE_LIMIT = 100
 
 
 class PsaError(Exception):
@@ -82,6 +85,31 @@ class PsaProtocolError(PsaTransientError):
     kind = "protocol"
 
 
+class PsaDeadlineExceeded(PsaTransientError):
+    """No complete reply within PSA_CALL_DEADLINE_SECONDS (a slow or dribbling server).
+    Retryable, like a timeout: a GET may simply be asked again, and a POST cut mid-reply
+    may have landed, which tasks.retry.post_may_have_landed then reconciles instead of
+    posting blind. Bounded by the job's attempts, and each attempt by the deadline."""
+    kind = "deadline"
+
+
+class PsaResponseTooLarge(PsaPermanentError):
+    """The reply passed PSA_MAX_RESPONSE_BYTES (declared or decoded): asking again would
+    only fetch the same flood, so the job fails with the limit named."""
+    kind = "response_too_large"
+
+
+class PsaRedirectRefused(PsaPermanentError):
+    """A 3xx. Never followed: it would re-send the note and the credentials elsewhere."""
+    kind = "redirect"
+
+
+class PsaUnsafeDestination(PsaPermanentError):
+    """The connection's URL or the address it resolves to is not one the worker may call
+    (providers.netguard): plain http, loopback, private, link-local, metadata..."""
+    kind = "unsafe_destination"
+
+
 def _retry_after(headers: Any) -> float | None:
     raw = (headers or {}).get("Retry-After")
     if raw is None:
@@ -114,13 +142,21 @@ def from_response(status: int, body: Any, headers: Any = None, *, operation: str
 
 
 def _vendor_message(body: Any) -> tuple[str, str | None, list[dict[str, Any]]]:
-    """ConnectWise errors: {"code","message","errors":[{"code","message","field"}]}."""
+    """ConnectWise errors: {"code","message","errors":[{"code","message","field"}]}.
+
+    Only a parsed JSON reply's own message is kept, cleaned of control characters and
+    clamped (providers.text). providers.http passes None for a non-JSON body: an HTML
+    page or a banner from whatever answered is never copied into error_message and
+    alerts, where it would let a tenant read other servers' replies through us."""
     if isinstance(body, dict):
         errors = [e for e in (body.get("errors") or []) if isinstance(e, dict)]
         message = str(body.get("message") or "")
         details = "; ".join(str(e.get("message")) for e in errors if e.get("message"))
         if details:
             message = f"{message} ({details})" if message else details
-        return message[:BODY_EXCERPT_LIMIT], body.get("code"), errors
-    text = str(body or "").strip().replace("\n", " ")
-    return text[:BODY_EXCERPT_LIMIT], None, []
+        code = body.get("code")
+        return (clean_line(message, BODY_EXCERPT_LIMIT), None if code is None else clean_line(code, VENDOR_CODE_LIMIT),
+                errors)
+    if isinstance(body, str):  # a JSON string reply
+        return clean_line(body, BODY_EXCERPT_LIMIT), None, []
+    return "", None, []

@@ -1,8 +1,14 @@
 """Shared HTTP plumbing for providers: pooled keep-alive sessions, timeouts, error mapping,
-and call observers (metrics and logs hook in here without providers knowing about them)."""
+and call observers (metrics and logs hook in here without providers knowing about them).
+
+Every provider goes through `call()`, so every PSA call gets the same limits: the address
+checks of providers.transport, no redirects, a cap on the reply's decoded size, and a
+wall-clock deadline (a tenant's PSA is untrusted: see README "Security model").
+"""
 from __future__ import annotations
 
 import hashlib
+import json as jsonlib
 import os
 import threading
 import time
@@ -10,9 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 import requests
-from requests.adapters import HTTPAdapter
 
-from providers.errors import PsaProtocolError, PsaTransientError, from_response
+from providers import netguard, transport
+from providers.errors import (PsaDeadlineExceeded, PsaError, PsaProtocolError, PsaRedirectRefused,
+                              PsaResponseTooLarge, PsaTransientError, from_response)
 
 CallHook = Callable[..., None]
 _observers: list[CallHook] = []
@@ -34,8 +41,24 @@ def add_gate(gate: CallHook) -> None:
         _gates.append(gate)
 
 
+DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+READ_CHUNK = 64 * 1024  # decoded bytes per read: urllib3 (>= 2.6) never inflates more per step
+_NOT_JSON = object()
+
+
 def timeouts() -> tuple[float, float]:
     return (float(os.environ.get("PSA_CONNECT_TIMEOUT", "5")), float(os.environ.get("PSA_READ_TIMEOUT", "30")))
+
+
+def call_deadline() -> float:
+    """Wall-clock seconds one call may take, connect and every read included. tasks.store
+    sizes the job lease from it, so a call always ends inside its lease."""
+    raw = os.environ.get("PSA_CALL_DEADLINE_SECONDS")
+    return float(raw) if raw else sum(timeouts())
+
+
+def max_response_bytes() -> int:
+    return int(os.environ.get("PSA_MAX_RESPONSE_BYTES", DEFAULT_MAX_RESPONSE_BYTES))
 
 
 def pooled_session(key_material: str, base_url: str) -> requests.Session:
@@ -58,7 +81,7 @@ def pooled_session(key_material: str, base_url: str) -> requests.Session:
             session.trust_env = False
             session.proxies = requests.utils.get_environ_proxies(base_url)
             session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=size, max_retries=0)
+            adapter = transport.CheckedAdapter(pool_connections=4, pool_maxsize=size, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             _sessions[key] = session
@@ -66,32 +89,48 @@ def pooled_session(key_material: str, base_url: str) -> requests.Session:
 
 
 def call(session: requests.Session, method: str, url: str, *, provider: str, operation: str,
-         headers: dict[str, str], json: Any = None, params: dict[str, Any] | None = None) -> Any:
+         headers: dict[str, str], json: Any = None, params: dict[str, Any] | None = None,
+         data: Any = None) -> Any:
     """Send one request; return parsed JSON or raise a typed PsaError. Never retries itself:
-    retry decisions belong to the job, which knows whether a POST may be repeated."""
+    retry decisions belong to the job, which knows whether a POST may be repeated.
+    `data` is for form-encoded bodies (OAuth token requests)."""
     for gate in _gates:
         gate(provider, operation)
     started = time.monotonic()
     status: int | None = None
     error: str | None = None
+    budget = transport.start_budget(call_deadline())
     try:
         try:
-            resp = session.request(method, url, headers=headers, json=json, params=params, timeout=timeouts())
-        except requests.Timeout as err:
-            raise PsaTransientError(f"timed out talking to {provider}", operation=operation) from err
-        except requests.ConnectionError as err:
-            raise PsaTransientError(f"connection to {provider} failed or was reset", operation=operation) from err
-        status = resp.status_code
-        body = _parse(resp)
+            if session.proxies:
+                netguard.check_proxied_url(url)
+            status, reply_headers, body = _exchange(session, method, url, budget, provider, headers=headers,
+                                                    json=json, params=params, data=data)
+        except PsaError as err:
+            err.operation = err.operation or operation
+            raise
+        except Exception as err:
+            if budget.expired:  # the watchdog cut the socket: whatever broke, the deadline did it
+                raise _deadline_error(budget, provider, operation) from err
+            if isinstance(err, requests.RequestException):
+                raise _transport_error(err, provider, operation) from err
+            raise
+        if 300 <= status < 400:
+            # Never followed: a redirect would re-send the note and the credentials to a
+            # host nobody checked. The Location value is the server's and is not shown.
+            raise PsaRedirectRefused(f"{provider} answered with a redirect (HTTP {status}); redirects are never "
+                                     f"followed: check the connection's base URL", status_code=status,
+                                     operation=operation)
         if status >= 400:
-            raise from_response(status, body, resp.headers, operation=operation)
-        if status != 204 and body is None:
+            raise from_response(status, None if body is _NOT_JSON else body, reply_headers, operation=operation)
+        if status != 204 and (body is None or body is _NOT_JSON):
             raise PsaProtocolError("reply was not JSON", status_code=status, operation=operation)
         return body
     except Exception as err:
         error = type(err).__name__
         raise
     finally:
+        transport.end_budget(budget)
         seconds = time.monotonic() - started
         for hook in list(_observers):
             try:
@@ -100,10 +139,59 @@ def call(session: requests.Session, method: str, url: str, *, provider: str, ope
                 pass
 
 
-def _parse(resp: requests.Response) -> Any:
-    if not resp.content:
+def _exchange(session: requests.Session, method: str, url: str, budget: transport.Budget, provider: str,
+              **kwargs: Any) -> tuple[int, Any, Any]:
+    """(status, headers, parsed body) of one request, the body read under the size cap and
+    the deadline. The connection is closed, not pooled, when a read is cut short."""
+    resp = session.request(method, url, timeout=timeouts(), stream=True, allow_redirects=False, **kwargs)
+    try:
+        if 300 <= resp.status_code < 400:
+            return resp.status_code, resp.headers, None  # refused unread
+        return resp.status_code, resp.headers, _parse(_read_capped(resp, budget, provider))
+    finally:
+        resp.close()
+
+
+def _read_capped(resp: requests.Response, budget: transport.Budget, provider: str) -> bytes:
+    """The decoded body, at most PSA_MAX_RESPONSE_BYTES of it. Counting decoded bytes is
+    what stops a gzip bomb: 150 KB on the wire can inflate to hundreds of MB."""
+    cap = max_response_bytes()
+    declared = (resp.headers.get("Content-Length") or "").strip()
+    if declared.isdigit() and int(declared) > cap:
+        raise PsaResponseTooLarge(f"reply declares {int(declared)} bytes (Content-Length), over the limit of {cap} "
+                                  f"bytes (PSA_MAX_RESPONSE_BYTES); not read", status_code=resp.status_code)
+    chunks: list[bytes] = []
+    total = 0
+    for chunk in resp.iter_content(READ_CHUNK):
+        total += len(chunk)
+        if total > cap:
+            raise PsaResponseTooLarge(f"reply passed the limit of {cap} bytes once decoded (PSA_MAX_RESPONSE_BYTES); "
+                                      f"reading stopped", status_code=resp.status_code)
+        if time.monotonic() > budget.deadline:
+            raise _deadline_error(budget, provider, None)
+        chunks.append(chunk)
+    if budget.expired:  # the watchdog cut a reply without a length: what we have is not all of it
+        raise _deadline_error(budget, provider, None)
+    return b"".join(chunks)
+
+
+def _parse(data: bytes) -> Any:
+    if not data:
         return None
     try:
-        return resp.json()
-    except ValueError:
-        return resp.text
+        return jsonlib.loads(data)
+    except ValueError:  # also UnicodeDecodeError: the body is not copied anywhere (errors.py)
+        return _NOT_JSON
+
+
+def _deadline_error(budget: transport.Budget, provider: str, operation: str | None) -> PsaDeadlineExceeded:
+    return PsaDeadlineExceeded(f"no complete reply from {provider} within {budget.seconds:g} s "
+                               f"(PSA_CALL_DEADLINE_SECONDS)", operation=operation)
+
+
+def _transport_error(err: requests.RequestException, provider: str, operation: str) -> PsaError:
+    if isinstance(err, requests.Timeout):
+        return PsaTransientError(f"timed out talking to {provider}", operation=operation)
+    if isinstance(err, requests.exceptions.ContentDecodingError):
+        return PsaProtocolError(f"reply from {provider} could not be decoded (bad compression)", operation=operation)
+    return PsaTransientError(f"connection to {provider} failed or was reset", operation=operation)

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlparse
 
 from sqlalchemy.orm import Session
 
 from models import AccountSettings, AiSession, PsaConnection
 from models import crypto
 from providers import REGISTRY
+from providers.netguard import UnsafeUrlError, check_base_url
 from tasks import validation as v
 from tasks.errors import NotFoundError, RequestError
 
@@ -27,15 +27,18 @@ def add_connection(db: Session, *, account_id: Any, provider: str, base_url: str
                    public_key: str, private_key: str) -> PsaConnection:
     if provider not in REGISTRY:
         raise RequestError(f"unknown provider {provider!r}; known: {', '.join(sorted(REGISTRY))}", field="provider")
-    parsed = urlparse(base_url or "")
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise RequestError(f"base_url must be an http(s) URL, got {base_url!r}", field="base_url")
+    try:
+        # https, a public address (or one the operator allows), no metadata host: the same
+        # rules the worker applies again whenever it opens a connection (DNS can change).
+        base_url = check_base_url(base_url)
+    except UnsafeUrlError as err:
+        raise RequestError(err.message, field="base_url") from None
     for field, value in (("company_id", company_id), ("client_id", client_id), ("public_key", public_key),
                          ("private_key", private_key)):
         if not isinstance(value, str) or not value.strip():
             raise RequestError(f"{field} is required", field=field)
     account = ensure_account(db, account_id)
-    connection = PsaConnection(account_id=account.account_id, provider=provider, base_url=base_url.rstrip("/"),
+    connection = PsaConnection(account_id=account.account_id, provider=provider, base_url=base_url,
                                company_id=company_id, client_id=client_id,
                                public_key_encrypted=b"", private_key_encrypted=b"")
     db.add(connection)

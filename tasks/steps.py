@@ -22,7 +22,7 @@ How a note is recognised, and why:
   the same ticket between our intent and our retry; we would adopt theirs instead of
   posting (no duplicate, and the customer sees the text once). We accept that.
 - Timing: a POST whose reply we never saw may land late. The lease is renewed right before
-  every POST and outlasts the POST's timeouts (tasks.store.min_lease_seconds), and a retry
+  every POST and outlasts the POST's call deadline (tasks.store.min_lease_seconds), and a retry
   after an unanswered POST waits at least the read timeout (tasks.retry), so the next
   execution lists the notes only once a late POST had time to land.
 """

@@ -30,7 +30,7 @@ from models.jobs import ERROR_MESSAGE_LIMIT
 from models.limits import clamp
 from models.notify import JOB_CHANNEL, notify
 from providers.base import Credentials
-from providers.http import timeouts
+from providers.http import call_deadline, timeouts
 from tasks.errors import LeaseLost
 
 log = logging.getLogger("psa_writeback.store")
@@ -46,10 +46,11 @@ def min_lease_seconds() -> float:
     """The shortest safe lease. A killed execution's POST can still land after the kill
     (the PSA keeps working on a request whose client is gone). The next execution may only
     reconcile once that POST had time to land, and it can only start once the lease has
-    expired; the lease is renewed right before the POST, so it must outlast the POST's
-    connect + read timeout plus the same again as grace for a server still working on it."""
-    connect, read = timeouts()
-    return connect + 2 * read + 1
+    expired; the lease is renewed right before the POST, so it must outlast the POST, which
+    the call deadline bounds (connect and every read, however slowly a server dribbles;
+    default connect + read timeout), plus a read timeout as grace for a server still
+    working on it, plus a second for the deadline watchdog's tick."""
+    return call_deadline() + timeouts()[1] + 1
 
 
 def lease_seconds() -> float:

@@ -37,6 +37,9 @@ TEST_ENV = {
     "SWEEP_INTERVAL_SECONDS": "1",
     "SWEEP_REPUBLISH_AFTER_SECONDS": "2",
     "CELERY_VISIBILITY_TIMEOUT": "30",
+    # The simulators and hostile test servers listen on loopback, which the worker refuses
+    # for a tenant's PSA unless the operator allows it (providers.netguard).
+    "PSA_ALLOWED_HOSTS": "127.0.0.1,localhost,::1",
 }
 
 

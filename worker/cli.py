@@ -104,9 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulator", help="run the ConnectWise simulator on loopback")
     sim.add_argument("--port", type=int, default=8765)
     sim.add_argument("--latency", type=float, default=0.0)
-    sim.set_defaults(func=lambda a: __import__("providers.simulators.connectwise", fromlist=["main"]).main(
-        ["--port", str(a.port), "--latency", str(a.latency)]))
+    sim.set_defaults(func=cmd_simulator)
     return p
+
+
+def cmd_simulator(args: argparse.Namespace) -> int:
+    from providers.simulators.connectwise import main
+
+    # stderr: stdout's first line is the simulator's JSON address, which scripts read.
+    print("note: the simulator listens on loopback, which workers refuse for a PSA unless allowed: run them "
+          "with PSA_ALLOWED_HOSTS=127.0.0.1,localhost,::1 (README \"Security model\")", file=sys.stderr, flush=True)
+    main(["--port", str(args.port), "--latency", str(args.latency)])
+    return 0
 
 
 def _out(args: argparse.Namespace, data: dict[str, Any], human: str) -> int:

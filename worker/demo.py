@@ -45,6 +45,9 @@ def _prepare_environment(keep: bool) -> Path:
 
         os.environ["PSA_WRITEBACK_ENCRYPTION_KEYS"] = generate_key()
         print("note: PSA_WRITEBACK_ENCRYPTION_KEYS not set; using a throwaway key for this demo")
+    # The simulator listens on loopback, which the worker refuses for a tenant's PSA unless
+    # the operator allows it (README "Security model").
+    os.environ.setdefault("PSA_ALLOWED_HOSTS", "127.0.0.1,localhost,::1")
     # Short waits so the retries are visible in seconds, not the production minutes.
     for key, value in (("RETRY_BASE_SECONDS", "1"), ("RETRY_MAX_DELAY_SECONDS", "5"),
                        ("VERIFY_INTERVAL_SECONDS", "0.2"), ("SWEEP_INTERVAL_SECONDS", "2")):

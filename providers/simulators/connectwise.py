@@ -41,7 +41,7 @@ DEFAULT_STATUSES = {1: ("New", False), 5: ("In Progress", False), 7: ("Escalated
 
 @dataclass
 class FaultRule:
-    action: str  # error | delay | drop_after_apply | slow_after_apply | chaos
+    action: str  # error | delay | drop_after_apply | slow_after_apply | dribble_after_apply | chaos
     operation: str = "any"  # get_ticket | update_status | post_note | list_notes | list_statuses | any
     times: int = 1  # -1 = forever
     ticket_id: int | None = None
@@ -190,6 +190,8 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if rule is not None and rule.action == "slow_after_apply":
             time.sleep(rule.seconds)
+        if rule is not None and rule.action == "dribble_after_apply":
+            return self._send(status, reply, dribble=rule.seconds)  # applied; the reply crawls
         return self._send(status, reply)
 
     def _read_body(self) -> Any:
@@ -208,7 +210,7 @@ class _Handler(BaseHTTPRequestHandler):
                 and self.headers.get("clientId") == state.client_id
                 and "application/vnd.connectwise.com+json" in (self.headers.get("Accept") or ""))
 
-    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None, dribble: float = 0.0) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -216,7 +218,13 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if not dribble:
+            self.wfile.write(data)
+            return
+        for i in range(len(data)):  # one byte at a time: no single read ever times out
+            self.wfile.write(data[i:i + 1])
+            self.wfile.flush()
+            time.sleep(dribble)
 
     # --- the API ----------------------------------------------------------------------
     def _apply(self, operation: str, ticket_id: int | None, board_id: int | None, body: Any,

@@ -57,7 +57,8 @@ def test_migrations_run_on_sqlite_for_the_demo(tmp_path):
         engine.dispose()
 
 
-def test_connection_keys_are_encrypted_at_rest(db_clean):
+def test_connection_keys_are_encrypted_at_rest(db_clean, monkeypatch):
+    monkeypatch.setenv("PSA_ALLOWED_HOSTS", "cw.example")  # named, so not looked up (no DNS here)
     with session_scope() as db:
         conn = admin.add_connection(db, account_id=1, provider="connectwise", base_url="https://cw.example/apis/3.0",
                                     company_id="acme", client_id="cid", public_key="fake-pub-KEY1",

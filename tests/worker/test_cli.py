@@ -60,7 +60,7 @@ def test_cli_refuses_bad_input_with_a_clear_message(db_clean):
     assert bad_utf8.returncode == 2 and "not valid UTF-8" in bad_utf8.stderr
     bad_url = run("add-connection", "--account", "3", "--base-url", "ftp://x", "--company", "c", "--client-id", "i",
                   env={"PSA_PUBLIC_KEY": "a", "PSA_PRIVATE_KEY": "b"})
-    assert bad_url.returncode == 2 and "base_url must be an http(s) URL" in bad_url.stderr
+    assert bad_url.returncode == 2 and "base_url must be an https:// URL" in bad_url.stderr
 
 
 def test_demo_runs_on_the_embedded_defaults(tmp_path):
