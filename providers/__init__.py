@@ -1,11 +1,12 @@
 """PSA providers behind one interface, and the registry that names them."""
 from __future__ import annotations
 
+from providers.autotask import AutotaskProvider
 from providers.base import BoardStatus, Credentials, PostedNote, Provider, Ticket
 from providers.connectwise import ConnectWiseProvider
 from providers.errors import PsaError
 
-REGISTRY: dict[str, type] = {"connectwise": ConnectWiseProvider}
+REGISTRY: dict[str, type] = {"connectwise": ConnectWiseProvider, "autotask": AutotaskProvider}
 
 
 class UnknownProviderError(ValueError):

@@ -84,7 +84,7 @@ def call(session: requests.Session, method: str, url: str, *, provider: str, ope
         status = resp.status_code
         body = _parse(resp)
         if status >= 400:
-            raise from_response(status, body, resp.headers, operation=operation)
+            raise from_response(status, body, resp.headers, operation=operation, provider=provider)
         if status != 204 and body is None:
             raise PsaProtocolError("reply was not JSON", status_code=status, operation=operation)
         return body
