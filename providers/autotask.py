@@ -50,6 +50,8 @@ class AutotaskProvider:
     # account_settings.preferences keys: autotask_resolved_status_id, autotask_escalated_status_id
     preference_prefix = "autotask"
     # account preferences that override tenant picklist look-ups (ids, as integers)
+    # company_id holds the zone's name, for display only (the base URL is the zone's)
+    optional_credentials = ("company_id",)
     option_keys = ("autotask_note_type_id", "autotask_publish_customer_id", "autotask_publish_internal_id")
 
     def __init__(self, credentials: Credentials, options: Mapping[str, Any] | None = None) -> None:

@@ -30,10 +30,15 @@ def add_connection(db: Session, *, account_id: Any, provider: str, base_url: str
     parsed = urlparse(base_url or "")
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise RequestError(f"base_url must be an http(s) URL, got {base_url!r}", field="base_url")
+    # Credential columns are shared by every provider; some leave one empty (Autotask's
+    # company_id is only the zone's name, Halo has no public key): the provider says which.
+    optional = getattr(REGISTRY[provider], "optional_credentials", ())
     for field, value in (("company_id", company_id), ("client_id", client_id), ("public_key", public_key),
                          ("private_key", private_key)):
-        if not isinstance(value, str) or not value.strip():
-            raise RequestError(f"{field} is required", field=field)
+        if not isinstance(value, str):
+            raise RequestError(f"{field} must be a string", field=field)
+        if not value.strip() and field not in optional:
+            raise RequestError(f"{field} is required for {provider}", field=field)
     account = ensure_account(db, account_id)
     connection = PsaConnection(account_id=account.account_id, provider=provider, base_url=base_url.rstrip("/"),
                                company_id=company_id, client_id=client_id,
