@@ -5,8 +5,10 @@ from providers.autotask import AutotaskProvider
 from providers.base import BoardStatus, Credentials, PostedNote, Provider, Ticket
 from providers.connectwise import ConnectWiseProvider
 from providers.errors import PsaError
+from providers.halo import HaloProvider
 
-REGISTRY: dict[str, type] = {"connectwise": ConnectWiseProvider, "autotask": AutotaskProvider}
+REGISTRY: dict[str, type] = {"connectwise": ConnectWiseProvider, "autotask": AutotaskProvider,
+                             "halo": HaloProvider}
 
 
 class UnknownProviderError(ValueError):

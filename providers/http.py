@@ -66,9 +66,11 @@ def pooled_session(key_material: str, base_url: str) -> requests.Session:
 
 
 def call(session: requests.Session, method: str, url: str, *, provider: str, operation: str,
-         headers: dict[str, str], json: Any = None, params: dict[str, Any] | None = None) -> Any:
+         headers: dict[str, str], json: Any = None, params: dict[str, Any] | None = None,
+         data: Any = None) -> Any:
     """Send one request; return parsed JSON or raise a typed PsaError. Never retries itself:
-    retry decisions belong to the job, which knows whether a POST may be repeated."""
+    retry decisions belong to the job, which knows whether a POST may be repeated.
+    `data` is a form-encoded body (OAuth token requests)."""
     for gate in _gates:
         gate(provider, operation)
     started = time.monotonic()
@@ -76,7 +78,8 @@ def call(session: requests.Session, method: str, url: str, *, provider: str, ope
     error: str | None = None
     try:
         try:
-            resp = session.request(method, url, headers=headers, json=json, params=params, timeout=timeouts())
+            resp = session.request(method, url, headers=headers, json=json, params=params, data=data,
+                                   timeout=timeouts())
         except requests.Timeout as err:
             raise PsaTransientError(f"timed out talking to {provider}", operation=operation) from err
         except requests.ConnectionError as err:

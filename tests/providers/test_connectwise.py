@@ -124,7 +124,7 @@ def test_wrong_credentials_are_an_auth_error(sim):
 
 
 def test_unknown_provider_is_a_clear_error():
-    with pytest.raises(UnknownProviderError, match="unknown PSA provider 'zendesk'; known: autotask, connectwise"):
+    with pytest.raises(UnknownProviderError, match="unknown PSA provider 'zendesk'; known: autotask, connectwise, halo"):
         provider_for("zendesk", Credentials("http://x", "a", "b", "c", "d"))
 
 
