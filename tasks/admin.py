@@ -74,3 +74,17 @@ def create_session(db: Session, *, account_id: Any, psa_connection_id: Any = Non
     db.add(session)
     db.flush()
     return session
+
+
+def provider_options(account_id: int, provider: str | None) -> dict[str, Any]:
+    """The account's preferences that tune its provider (the provider's `option_keys`),
+    read in one short transaction; none (and no query) for providers without any."""
+    keys = getattr(REGISTRY.get(provider or ""), "option_keys", ())
+    if not keys:
+        return {}
+    from models.db import session_scope
+
+    with session_scope() as db:
+        account = db.get(AccountSettings, account_id)
+        prefs = dict(account.preferences or {}) if account is not None else {}
+    return {k: prefs[k] for k in keys if k in prefs}

@@ -151,3 +151,16 @@ def test_registered_with_its_preference_prefix():
 
     assert REGISTRY["autotask"].preference_prefix == "autotask"
     assert provider_for("autotask", Credentials("http://127.0.0.1:1/ATServicesRest/V1.0", "", "c", "u", "s"))
+
+
+def test_the_accounts_picklist_overrides_reach_the_worker(db_clean, atsim, worker):
+    # given an account that wants escalations visible to co-managed users (publish 4)
+    from tasks import enqueue_escalate
+    from tests.factories import World, wait_terminal
+
+    world = World.create(atsim, prefs={"autotask_escalated_status_id": 13, "autotask_publish_internal_id": 4})
+    sid = world.session(77)
+    j = wait_terminal(enqueue_escalate(None, sid, "## Problem\nDisk full."))
+    assert j.state == "succeeded", j.error_message
+    [note] = atsim.state.notes(77)
+    assert note["publish"] == 4 and atsim.state.status_of(77) == 13

@@ -151,3 +151,14 @@ def test_the_token_cache_is_bounded():
     for i in range(5):
         cache.source(f"conn{i}", lambda: ("t", 60.0)).get()
     assert len(cache) == 2
+
+
+def test_the_accounts_email_choice_reaches_the_worker(db_clean, halosim, worker):
+    from tasks import enqueue_resolve
+    from tests.factories import World, wait_terminal
+
+    world = World.create(halosim, prefs={"halo_resolved_status_id": 9, "halo_send_email": True})
+    j = wait_terminal(enqueue_resolve(None, world.session(77), "Fixed."))
+    assert j.state == "succeeded", j.error_message
+    [action] = halosim.state.notes(77)
+    assert (action["sendemail"], action["hiddenfromuser"]) == (True, False)
