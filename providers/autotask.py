@@ -171,6 +171,22 @@ class AutotaskProvider:
                 for v, (label, active) in picklist.values.items()]
 
 
+ZONE_LOOKUP_URL = "https://webservices2.autotask.net/ATServicesRest/V1.0"
+
+
+def lookup_zone(username: str, lookup_url: str = ZONE_LOOKUP_URL) -> tuple[str, str]:
+    """The API user's zone: (base URL ending in /V1.0, zone name). ZoneInformation needs no
+    auth and is exempt from thread limits; done once, when the connection is added."""
+    lookup_url = lookup_url.rstrip("/")
+    session = pooled_session(f"autotask-zone|{lookup_url}", lookup_url)
+    body = call(session, "GET", lookup_url + "/ZoneInformation", provider="autotask", operation="zone_lookup",
+                headers={"Accept": "application/json"}, params={"user": username})
+    url = body.get("url") if isinstance(body, dict) else None
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+        raise PsaProtocolError(f"ZoneInformation for {username!r:.80} had no zone URL", operation="zone_lookup")
+    return url.rstrip("/") + "/V1.0", str(body.get("zoneName") or "")
+
+
 def map_error(status: int, body: Any) -> E.PsaError | None:
     """Autotask answers a business-rule refusal with HTTP 500 and {"errors": [...]}: the
     same request will fail the same way, so it is permanent. A bare 500 stays transient."""
