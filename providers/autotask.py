@@ -104,7 +104,7 @@ class AutotaskProvider:
             raise PsaProtocolError("ticket reply had no item", operation="get_ticket")
         item = body["item"]
         if not isinstance(item, dict) or item.get("id") is None:  # Autotask: 200 {"item": null}
-            raise E.PsaNotFound(f"ticket {ticket_id} not found", status_code=200, operation="get_ticket")
+            raise E.PsaNotFound(f"ticket {ticket_id} not found", operation="get_ticket")
         status = _int(item.get("status"))
         label = self._status_label(status)
         return Ticket(id=int(item["id"]), status_id=status, status_name=label, board_id=TENANT_BOARD,

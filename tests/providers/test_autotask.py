@@ -32,25 +32,21 @@ def _provider(sim, options=None, **overrides):
     return AutotaskProvider(Credentials(**creds), options)
 
 
-def test_notes_use_the_tenants_publish_and_note_type_ids_found_by_label(atsim):
+def test_notes_use_the_tenants_publish_and_note_type_ids_found_by_label(atsim, monkeypatch):
     # given a tenant whose "All Autotask Users" is 7 and "Internal Project Team" is 9
     import providers.simulators.autotask as simmod
 
+    monkeypatch.setattr(simmod, "PUBLISH", {7: "All Autotask Users", 9: "Internal Project Team"})
     at = _provider(atsim)
-    original = dict(simmod.PUBLISH)
-    simmod.PUBLISH.clear()
-    simmod.PUBLISH.update({7: "All Autotask Users", 9: "Internal Project Team"})
-    try:
-        at.post_note(1, "Customer sees this.", NoteVisibility.RESOLUTION)
-        at.post_note(1, "Technicians only.", NoteVisibility.INTERNAL)
-    finally:
-        simmod.PUBLISH.clear()
-        simmod.PUBLISH.update(original)
+    at.post_note(1, "Customer sees this.", NoteVisibility.RESOLUTION)
+    at.post_note(1, "Technicians only.", NoteVisibility.INTERNAL)
     stored = atsim.state.notes(1)
     assert [(n["publish"], n["noteType"]) for n in stored] == [(7, 3), (9, 3)]
     assert all(n["title"] for n in stored)  # always a title: some tenants require one
     # the picklists were read once per entity, then served from the cache
     assert atsim.state.calls["list_statuses"] == 1
+    # and read back, each note has the visibility it was posted with
+    assert [n.visibility for n in at.list_recent_notes(1)] == [NoteVisibility.INTERNAL, NoteVisibility.RESOLUTION]
 
 
 def test_account_options_override_the_picklist_lookup(atsim):
