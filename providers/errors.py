@@ -6,6 +6,7 @@ here (models.crypto.ConfigurationError) so no retry policy can swallow them.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from providers.text import clean_line
@@ -80,6 +81,12 @@ class PsaInvalidStatus(PsaBadRequest):
     kind = "invalid_status"
 
 
+class PsaBusinessRuleError(PsaBadRequest):
+    """The PSA refused the write on a business rule (Autotask: HTTP 500 with an `errors`
+    array): the same request fails the same way, so it is permanent despite the 5xx."""
+    kind = "business_rule"
+
+
 class PsaProtocolError(PsaTransientError):
     """A 2xx whose body we cannot read: treat as transient (proxies, truncated replies)."""
     kind = "protocol"
@@ -120,8 +127,24 @@ def _retry_after(headers: Any) -> float | None:
         return None  # HTTP-date form: fall back to our own backoff
 
 
-def from_response(status: int, body: Any, headers: Any = None, *, operation: str | None = None) -> PsaError:
+ErrorMapping = Callable[[int, Any], "PsaError | None"]
+_MAPPINGS: dict[str, ErrorMapping] = {}
+
+
+def register_mapping(provider: str, mapping: ErrorMapping) -> None:
+    """A provider's own reading of its error replies, consulted before the shared one
+    (mapping(status, body) -> a PsaError, or None to fall through)."""
+    _MAPPINGS[provider] = mapping
+
+
+def from_response(status: int, body: Any, headers: Any = None, *, operation: str | None = None,
+                  provider: str | None = None) -> PsaError:
     """Map an error reply (status, parsed JSON or text, headers) to a typed error."""
+    mapping = _MAPPINGS.get(provider or "")
+    special = mapping(status, body) if mapping is not None else None
+    if special is not None:
+        special.operation = special.operation or operation
+        return special
     message, code, field_errors = _vendor_message(body)
     kwargs = dict(status_code=status, vendor_code=code, operation=operation)
     if status == 429:
@@ -149,9 +172,13 @@ def _vendor_message(body: Any) -> tuple[str, str | None, list[dict[str, Any]]]:
     page or a banner from whatever answered is never copied into error_message and
     alerts, where it would let a tenant read other servers' replies through us."""
     if isinstance(body, dict):
-        errors = [e for e in (body.get("errors") or []) if isinstance(e, dict)]
+        raw = body.get("errors") if isinstance(body.get("errors"), list) else []
+        errors = [e for e in raw if isinstance(e, dict)]
         message = str(body.get("message") or "")
-        details = "; ".join(str(e.get("message")) for e in errors if e.get("message"))
+        # Autotask lists plain strings: {"errors": ["..."]}
+        texts = [str(e.get("message")) for e in errors if e.get("message")]
+        texts += [e for e in raw if isinstance(e, str) and e.strip()]
+        details = "; ".join(texts)
         if details:
             message = f"{message} ({details})" if message else details
         code = body.get("code")

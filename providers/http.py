@@ -122,7 +122,8 @@ def call(session: requests.Session, method: str, url: str, *, provider: str, ope
                                      f"followed: check the connection's base URL", status_code=status,
                                      operation=operation)
         if status >= 400:
-            raise from_response(status, None if body is _NOT_JSON else body, reply_headers, operation=operation)
+            raise from_response(status, None if body is _NOT_JSON else body, reply_headers, operation=operation,
+                                provider=provider)
         if status != 204 and (body is None or body is _NOT_JSON):
             raise PsaProtocolError("reply was not JSON", status_code=status, operation=operation)
         return body

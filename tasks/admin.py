@@ -33,10 +33,15 @@ def add_connection(db: Session, *, account_id: Any, provider: str, base_url: str
         base_url = check_base_url(base_url)
     except UnsafeUrlError as err:
         raise RequestError(err.message, field="base_url") from None
+    # Credential columns are shared by every provider; some leave one empty (Autotask's
+    # company_id is only the zone's name, Halo has no public key): the provider says which.
+    optional = getattr(REGISTRY[provider], "optional_credentials", ())
     for field, value in (("company_id", company_id), ("client_id", client_id), ("public_key", public_key),
                          ("private_key", private_key)):
-        if not isinstance(value, str) or not value.strip():
-            raise RequestError(f"{field} is required", field=field)
+        if not isinstance(value, str):
+            raise RequestError(f"{field} must be a string", field=field)
+        if not value.strip() and field not in optional:
+            raise RequestError(f"{field} is required for {provider}", field=field)
     account = ensure_account(db, account_id)
     connection = PsaConnection(account_id=account.account_id, provider=provider, base_url=base_url,
                                company_id=company_id, client_id=client_id,
@@ -79,3 +84,17 @@ def create_session(db: Session, *, account_id: Any, psa_connection_id: Any = Non
     db.add(session)
     db.flush()
     return session
+
+
+def provider_options(account_id: int, provider: str | None) -> dict[str, Any]:
+    """The account's preferences that tune its provider (the provider's `option_keys`),
+    read in one short transaction; none (and no query) for providers without any."""
+    keys = getattr(REGISTRY.get(provider or ""), "option_keys", ())
+    if not keys:
+        return {}
+    from models.db import session_scope
+
+    with session_scope() as db:
+        account = db.get(AccountSettings, account_id)
+        prefs = dict(account.preferences or {}) if account is not None else {}
+    return {k: prefs[k] for k in keys if k in prefs}

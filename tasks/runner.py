@@ -19,7 +19,7 @@ from models.db import describe_error, is_db_error
 from providers import provider_for
 from providers.errors import PsaAuthError, PsaError, PsaRateLimited
 from providers.http import add_gate, add_observer
-from tasks import events, ratelimit, steps, store
+from tasks import admin, events, ratelimit, steps, store
 from tasks.errors import LeaseLost, WorkerLost
 from tasks.retry import RetryPolicy
 from tasks.store import ClaimedJob, ClaimRefusal
@@ -114,7 +114,8 @@ def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
 def _run_calls(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
     step = "note"
     try:
-        provider = provider_for(job.provider or "", job.credentials)
+        provider = provider_for(job.provider or "", job.credentials,
+                                admin.provider_options(job.account_id, job.provider))
         note = None
         if job.markdown is not None:
             note = steps.post_note_once(

@@ -6,12 +6,14 @@ from typing import Any
 
 from models import WritebackAttempt, WritebackJob, AiSession
 from models.db import session_scope
+from providers import REGISTRY
 from providers.simulators.connectwise import SimulatorServer
+from providers.simulators.kits import Kit, kit_for
 from sqlalchemy import select
 from tasks import admin
 from tests.harness import wait_for
 
-RESOLVED, ESCALATED = 9, 7
+RESOLVED, ESCALATED = 9, 7  # the ConnectWise simulator's (providers.simulators.kits)
 TERMINAL = ("succeeded", "failed", "verification_failed", "cancelled")
 
 
@@ -23,14 +25,16 @@ class World:
 
     @classmethod
     def create(cls, sim: SimulatorServer, account_id: int = 1, prefs: dict[str, Any] | None = None) -> "World":
-        st = sim.state
+        kit = kit_for(sim)  # any provider's simulator (providers.simulators.kits)
         with session_scope() as db:
-            conn = admin.add_connection(db, account_id=account_id, provider="connectwise", base_url=sim.base_url,
-                                        company_id=st.company_id, client_id=st.client_id,
-                                        public_key=st.public_key, private_key=st.private_key)
+            conn = admin.add_connection(db, account_id=account_id, **kit.connection(sim))
             admin.set_preferences(db, account_id, prefs if prefs is not None else
-                                  {"cw_resolved_status_id": RESOLVED, "cw_escalated_status_id": ESCALATED})
+                                  kit.prefs(REGISTRY[kit.provider].preference_prefix))
             return cls(sim, account_id, conn.id)
+
+    @property
+    def kit(self) -> Kit:
+        return kit_for(self.sim)
 
     def session(self, ticket_id: int | None = None, *, status_id: int = 1, linked: bool = True,
                 **ticket_opts: Any) -> int:

@@ -1,13 +1,12 @@
 """`psa-writeback`: set up, enqueue, inspect, and run the demo.
 
 Secrets never go on the command line (where `ps` and shell history would keep them): PSA
-keys are read from environment variables named by --public-key-env / --private-key-env.
+keys are read from environment variables (worker.cli_connections).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ def _fail(args: argparse.Namespace, message: str, code: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from worker import cli_alerts, cli_jobs
+    from worker import cli_alerts, cli_connections, cli_jobs
 
     p = argparse.ArgumentParser(prog="psa-writeback", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -51,16 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--json", action="store_true")
     rk.set_defaults(func=cmd_rotate_keys)
 
-    c = sub.add_parser("add-connection", help="store a PSA connection (keys encrypted at rest)")
-    c.add_argument("--account", type=int, required=True)
-    c.add_argument("--provider", default="connectwise")
-    c.add_argument("--base-url", required=True, help="e.g. https://api-na.myconnectwise.net/v4_6_release/apis/3.0")
-    c.add_argument("--company", required=True)
-    c.add_argument("--client-id", required=True)
-    c.add_argument("--public-key-env", default="PSA_PUBLIC_KEY", help="env var holding the public key")
-    c.add_argument("--private-key-env", default="PSA_PRIVATE_KEY", help="env var holding the private key")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=cmd_add_connection)
+    cli_connections.add_parsers(sub)  # add-connection, check-connection, simulator
 
     s = sub.add_parser("set-prefs", help="set account preferences, e.g. cw_resolved_status_id=9")
     s.add_argument("--account", type=int, required=True)
@@ -101,21 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", action="store_true", help="keep the demo database instead of starting fresh")
     d.set_defaults(func=lambda a: __import__("worker.demo", fromlist=["run"]).run(keep=a.keep))
 
-    sim = sub.add_parser("simulator", help="run the ConnectWise simulator on loopback")
-    sim.add_argument("--port", type=int, default=8765)
-    sim.add_argument("--latency", type=float, default=0.0)
-    sim.set_defaults(func=cmd_simulator)
     return p
-
-
-def cmd_simulator(args: argparse.Namespace) -> int:
-    from providers.simulators.connectwise import main
-
-    # stderr: stdout's first line is the simulator's JSON address, which scripts read.
-    print("note: the simulator listens on loopback, which workers refuse for a PSA unless allowed: run them "
-          "with PSA_ALLOWED_HOSTS=127.0.0.1,localhost,::1 (README \"Security model\")", file=sys.stderr, flush=True)
-    main(["--port", str(args.port), "--latency", str(args.latency)])
-    return 0
 
 
 def _out(args: argparse.Namespace, data: dict[str, Any], human: str) -> int:
@@ -131,23 +107,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     url = database_url()
     print(f"database is at the latest schema ({url.split('@')[-1]})")
     return 0
-
-
-def cmd_add_connection(args: argparse.Namespace) -> int:
-    from models.db import session_scope
-    from tasks import admin
-
-    keys = {}
-    for field, env in (("public_key", args.public_key_env), ("private_key", args.private_key_env)):
-        keys[field] = os.environ.get(env, "")
-        if not keys[field]:
-            raise RequestError(f"{field.replace('_', ' ')} not given: set the environment variable {env}",
-                               field=field)
-    with session_scope() as db:
-        conn = admin.add_connection(db, account_id=args.account, provider=args.provider, base_url=args.base_url,
-                                    company_id=args.company, client_id=args.client_id, **keys)
-        cid = conn.id
-    return _out(args, {"connection_id": cid}, f"connection {cid} added for account {args.account}")
 
 
 def cmd_rotate_keys(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""The demo: the whole flow against the ConnectWise simulator with a real worker process.
+"""The demo: the whole flow against the ConnectWise simulator with a real worker process,
+then one resolve on each other PSA's simulator (Autotask, HaloPSA).
 
 With nothing configured it runs on an embedded default (a SQLite file and a filesystem
 broker under ./var); with DATABASE_URL and CELERY_BROKER_URL set it uses those instead.
@@ -22,6 +23,8 @@ SCENARIOS = [
      "succeeded", "verified"),
     ("no PSA linked (local)", "resolve", None, None, "succeeded", "local"),
 ]
+# One resolve on each other PSA's simulator: the same flow through the provider registry.
+OTHER_PSAS = ("autotask", "halo")
 MARKDOWN = {
     "resolve": "The shared printer lost its IP reservation after the router update.\n\n"
                "- Re-added the DHCP reservation\n- Printed a test page from two desks\n\nEverything prints again.",
@@ -77,6 +80,7 @@ def run(keep: bool = False) -> int:
         admin.set_preferences(db, account.account_id, {"cw_resolved_status_id": 9, "cw_escalated_status_id": 7})
         conn_id = conn.id
     worker = _start_worker(var)
+    others: list = []
     try:
         jobs = []
         for n, (label, kind, ticket, fault, *_expected) in enumerate(SCENARIOS):
@@ -91,11 +95,34 @@ def run(keep: bool = False) -> int:
                     session = admin.create_session(db, account_id=4242, psa_connection_id=conn_id,
                                                    psa_ticket_id=ticket_id, title=label)
                 jobs.append(enqueue(db, kind, session_id=session.id, markdown=MARKDOWN[kind]))
+        jobs += [_resolve_on(others, provider) for provider in OTHER_PSAS]
         rows = _wait(jobs, timeout=90)
     finally:
         _stop_worker(worker)
         sim.stop()
+        for server in others:
+            server.stop()
     return _report(rows, st)
+
+
+def _resolve_on(servers: list, provider: str) -> int:
+    """Start `provider`'s simulator, connect the demo account to it, enqueue one resolve."""
+    from models.db import session_scope
+    from providers import REGISTRY
+    from providers.simulators.kits import KITS
+    from tasks import admin, enqueue
+
+    kit = KITS[provider]
+    server = kit.start()
+    servers.append(server)
+    print(f"{provider} simulator on {server.base_url}")
+    server.state.add_ticket(48300 + len(servers))
+    with session_scope() as db:
+        conn = admin.add_connection(db, account_id=4242, **kit.connection(server))
+        admin.set_preferences(db, 4242, kit.prefs(REGISTRY[provider].preference_prefix))
+        session = admin.create_session(db, account_id=4242, psa_connection_id=conn.id,
+                                       psa_ticket_id=48300 + len(servers), title=f"resolve on {provider}")
+        return enqueue(db, "resolve", session_id=session.id, markdown=MARKDOWN["resolve"])
 
 
 def _start_worker(var: Path) -> subprocess.Popen[bytes]:
@@ -131,7 +158,8 @@ def _report(rows: list, st) -> int:
     from worker.cli_format import table
 
     lines, ok = [], True
-    for (label, _kind, _t, _f, want_state, want_outcome), job in zip(SCENARIOS, rows):
+    expected = SCENARIOS + [(f"resolve on {p}", "resolve", {}, None, "succeeded", "verified") for p in OTHER_PSAS]
+    for (label, _kind, _t, _f, want_state, want_outcome), job in zip(expected, rows):
         outcome = (job.result or {}).get("outcome")
         good = job.state == want_state and outcome == want_outcome
         ok &= good

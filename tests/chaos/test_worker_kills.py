@@ -30,25 +30,8 @@ def _assert_exactly_one_adopted_note(world, ticket: int, job_id: int) -> None:
     assert world.sim.state.status_of(ticket) == RESOLVED
 
 
-def test_whole_worker_sigkilled_mid_post_completes_after_restart_with_one_note(world, chaos):
-    # given a worker whose POST is in flight (the PSA will apply it 3 s later)
-    sid = world.session(7001)
-    _post_in_flight(world, 7001)
-    first = chaos.worker().start()
-    job_id = enqueue_resolve(None, sid, NOTE)
-    wait_for(lambda: world.sim.state.calls["post_note"] == 1, timeout=20, message="the POST to be in flight")
-    # when the whole process group is SIGKILLed (no warm shutdown, the message stays unacked)
-    first.kill_group()
-    stuck = job(job_id)
-    assert (stuck.state, stuck.note_state) == ("running", "intent")
-    assert world.sim.state.notes(7001) == []  # the POST has not landed yet
-    # and a worker starts again (with beat: the sweeper finds the lease-expired job)
-    chaos.worker(beat=True).start()
-    # then the job completes with exactly the one note the dead worker's POST created
-    wait_terminal(job_id, timeout=45)
-    _assert_exactly_one_adopted_note(world, 7001, job_id)
-    assert [a.outcome for a in attempts(job_id)] == ["abandoned", "succeeded"]
-    assert chaos.finished_count()[job_id] == 1
+# The whole-worker SIGKILL mid-POST case runs for every provider in
+# tests/providers/contract/test_worker_kill.py.
 
 
 def test_prefork_pool_child_sigkilled_mid_post_is_requeued_and_adopts_the_note(world, chaos):

@@ -85,6 +85,8 @@ def test_note_visibility_maps_to_exactly_one_flag(cw, sim, visibility, flags):
     [stored] = sim.state.notes(1)
     assert (stored["detailDescriptionFlag"], stored["internalAnalysisFlag"], stored["resolutionFlag"]) == flags
     assert stored["customerUpdatedFlag"] is False
+    if visibility is NoteVisibility.INTERNAL:
+        assert stored["processNotifications"] is False  # an internal note never emails anyone
     assert note.visibility is visibility and note.id == str(stored["id"])
 
 
@@ -122,7 +124,7 @@ def test_wrong_credentials_are_an_auth_error(sim):
 
 
 def test_unknown_provider_is_a_clear_error():
-    with pytest.raises(UnknownProviderError, match="unknown PSA provider 'zendesk'; known: connectwise"):
+    with pytest.raises(UnknownProviderError, match="unknown PSA provider 'zendesk'; known: autotask, connectwise, halo"):
         provider_for("zendesk", Credentials("http://x", "a", "b", "c", "d"))
 
 

@@ -148,16 +148,6 @@ def test_transient_errors_are_retried_then_succeed(world, worker, fault):
     assert [a.outcome for a in attempts(j.id)] == ["retry", "succeeded"]
 
 
-def test_429_waits_at_least_retry_after(world, worker):
-    sid = world.session(6030)
-    world.sim.state.add_fault(action="error", status=429, retry_after=1.5, operation="get_ticket")
-    j = wait_terminal(enqueue_transition(None, sid, RESOLVED))
-    assert j.state == "succeeded"
-    first, second = attempts(j.id)
-    assert first.http_status == 429 and first.error_type == "PsaRateLimited"
-    assert (second.started_at - first.finished_at).total_seconds() >= 1.4  # backoff alone would be < 0.2
-
-
 def test_retries_are_bounded_then_failed_with_the_reason(world, worker):
     sid = world.session(6040)
     world.sim.state.add_fault(action="error", status=503, operation="post_note", times=-1)

@@ -72,6 +72,7 @@ def test_demo_runs_on_the_embedded_defaults(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "sqlite" in out and "filesystem (embedded)" in out
-    assert out.count("as expected") == 5
+    assert out.count("as expected") == 7  # five on ConnectWise, one resolve on each other PSA
+    assert "resolve on autotask" in out and "resolve on halo" in out
     assert "verification_failed" in out and "demo OK" in out
     assert (tmp_path / "var" / "psa-writeback.db").exists()
