@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from models.enums import NoteVisibility
 from providers import errors as E
@@ -35,6 +36,11 @@ TENANT_BOARD = 0  # Halo statuses belong to the tenant, not a board
 OUTCOMES = {NoteVisibility.RESOLUTION: "Resolution", NoteVisibility.DISCUSSION: "Note",
             NoteVisibility.INTERNAL: "Private Note"}
 CLOSED_NAMES = {"closed", "resolved", "completed", "complete", "cancelled"}
+
+
+def _same_origin(url: str, base: str) -> bool:
+    a, b = urlsplit(url), urlsplit(base)
+    return (a.scheme.lower(), a.hostname, a.port) == (b.scheme.lower(), b.hostname, b.port)
 
 
 class HaloProvider:
@@ -68,6 +74,11 @@ class HaloProvider:
                     headers={"Accept": "application/json"})
         auth_url = info.get("auth_url") if isinstance(info, dict) else None
         token_url = (str(auth_url).rstrip("/") if auth_url else self._base + "/auth") + "/token"
+        if not _same_origin(token_url, self._base):
+            # The reply is the PSA's (or anything in the path): the client secret goes only to
+            # the connection's own vetted host, never to an auth server a reply names elsewhere.
+            raise E.PsaPermanentError("the PSA's /api/authinfo names an auth server on another host; the client "
+                                      "secret is only sent to the connection's own host", operation="token")
         params = {"tenant": self._tenant} if self._tenant else None
         form = {"grant_type": "client_credentials", "client_id": client_id, "client_secret": client_secret,
                 "scope": "all"}

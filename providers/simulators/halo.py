@@ -39,6 +39,7 @@ class HaloState(SimState):
     client_id: str = "fake-halo-client-id"
     client_secret: str = "fake-halo-client-secret"
     token_ttl: float = 3600.0
+    auth_url: str | None = None  # what /api/authinfo names (None: this server's /auth)
     tokens: dict[str, float] = field(default_factory=dict)  # token -> monotonic expiry
     boards: dict[int, dict[int, tuple[str, bool]]] = field(default_factory=lambda: {0: dict(TENANT_STATUSES)})
 
@@ -77,7 +78,8 @@ class _Handler(FaultingHandler):
         if path.startswith("/_sim/"):
             return self._control(method, path, body)
         if path == "/api/authinfo" and method == "GET":
-            return self.send(200, {"auth_url": self.server.root_url + "/auth", "tenant_id": self.server.state.tenant,
+            auth_url = self.server.state.auth_url or self.server.root_url + "/auth"
+            return self.send(200, {"auth_url": auth_url, "tenant_id": self.server.state.tenant,
                                    "auth_method": 0})
         if path == "/auth/token" and method == "POST":
             return self.serve("token", None, authorised=lambda: None, apply=lambda: self._token(body, query),

@@ -15,6 +15,7 @@ from providers.halo import HaloProvider
 from providers.halo_tokens import TOKENS
 from providers.picklists import PICKLISTS
 from providers.simulators.halo import HaloSimulator
+from tests.security.recorder import recorder  # noqa: F401  (fixture)
 
 
 @pytest.fixture()
@@ -94,6 +95,17 @@ def test_wrong_client_secret_is_an_auth_error_that_shows_no_secret_and_no_token(
     assert not info.value.retryable
     for shown in (text, caplog.text, repr(good), repr(TOKENS._entries)):
         assert "wrong-fake-secret" not in shown and token not in shown and halosim.state.client_secret not in shown
+
+
+def test_an_auth_server_on_another_host_never_receives_the_client_secret(halosim, recorder):
+    # given an authinfo reply naming another host (a recorder on loopback) as the auth server
+    halosim.state.auth_url = f"http://127.0.0.1:{recorder.server_address[1]}/auth"
+    # when the provider needs a token
+    with pytest.raises(E.PsaPermanentError, match="another host") as err:
+        _provider(halosim).get_ticket(1)
+    # then the call fails, names no secret, and the other host heard nothing
+    assert halosim.state.client_secret not in str(err.value)
+    assert recorder.requests == []
 
 
 def test_the_wrong_tenant_is_refused_at_the_token_endpoint(halosim):
