@@ -53,6 +53,9 @@ class AutotaskProvider:
     # company_id holds the zone's name, for display only (the base URL is the zone's)
     optional_credentials = ("company_id",)
     option_keys = ("autotask_note_type_id", "autotask_publish_customer_id", "autotask_publish_internal_id")
+    # Autotask refuses a 4th concurrent request per integration: the runner caps this
+    # connection's jobs in flight (tasks.ratelimit.inflight_cap), across all workers.
+    max_concurrent_requests = 3
 
     def __init__(self, credentials: Credentials, options: Mapping[str, Any] | None = None) -> None:
         self._base = credentials.base_url.rstrip("/")

@@ -148,6 +148,16 @@ def max_inflight() -> int:
     return int(os.environ.get("PSA_MAX_INFLIGHT_PER_CONNECTION", "8"))
 
 
+def inflight_cap(vendor_limit: int | None = None) -> int:
+    """The in-flight cap for a connection whose PSA allows at most `vendor_limit` requests at
+    once (Autotask: 3 per integration; None: no such limit). A job's calls are sequential,
+    so capping jobs caps requests; the vendor's limit applies even with our own cap off."""
+    ours = max_inflight()
+    if not vendor_limit:
+        return ours
+    return vendor_limit if ours <= 0 else min(ours, vendor_limit)
+
+
 def max_retry_after() -> float:
     """The longest a PSA's Retry-After (or any deferral) may hold a job or a connection: the
     value comes from the tenant's server, so it is never trusted as is."""
@@ -242,7 +252,8 @@ def start_cooldown(connection: str, seconds: float | None) -> tuple[float, bool 
 
 
 @_guard(("go", 0.0))
-def admit(connection: str, cost: int = 1, token: str | None = None, hold: float = 0.0) -> tuple[str, float]:
+def admit(connection: str, cost: int = 1, token: str | None = None, hold: float = 0.0,
+          cap: int | None = None) -> tuple[str, float]:
     """Take `cost` calls' tokens and, with a job `token`, one of the connection's in-flight
     slots for at most `hold` seconds. Returns ("go", seconds to wait first), ("cooldown",
     seconds left) or ("full", 0): nothing taken in the last two cases, nor when the wait
@@ -250,7 +261,7 @@ def admit(connection: str, cost: int = 1, token: str | None = None, hold: float 
     client = _redis()
     if client is None:
         return "go", 0.0
-    cap = max_inflight() if token else 0
+    cap = (max_inflight() if cap is None else cap) if token else 0
     kind, ms = client._pswb_scripts[0](
         keys=[_key("cooldown", connection), _key("bucket", connection), _key("inflight", connection)],
         args=[rate_per_second(), burst(), time.time(), max_wait(), cost, cap, token or "", hold])
@@ -274,21 +285,24 @@ def release(connection: str, token: str) -> None:
 
 @contextlib.contextmanager
 def counting_against(connection: str | None, calls: int = 1, *, token: str | None = None,
-                     hold: float = 0.0) -> Iterator[None]:
+                     hold: float = 0.0, cap: int | None = None) -> Iterator[None]:
     """PSA calls made by this thread inside the block count against `connection`: the first
     one passes the gate for `calls` calls (the job's expected number), the others go. With
     a job `token`, the first call also takes one of the connection's in-flight slots, for at
     most `hold` seconds (the job's lease: a slot of a worker that died mid-job frees itself
-    when another execution may take the job over); leaving the block gives it back."""
+    when another execution may take the job over); leaving the block gives it back. `cap`
+    overrides PSA_MAX_INFLIGHT_PER_CONNECTION for this connection (inflight_cap)."""
     previous = (getattr(_local, "connection", None), getattr(_local, "cost", 0), getattr(_local, "token", None),
-                getattr(_local, "hold", 0.0), getattr(_local, "admitted", False))
-    _local.connection, _local.cost, _local.token, _local.hold, _local.admitted = connection, calls, token, hold, False
+                getattr(_local, "hold", 0.0), getattr(_local, "admitted", False), getattr(_local, "cap", None))
+    _local.connection, _local.cost, _local.token, _local.hold, _local.admitted, _local.cap = (
+        connection, calls, token, hold, False, cap)
     try:
         yield
     finally:
         if _local.admitted and connection is not None and token:
             release(connection, token)
-        _local.connection, _local.cost, _local.token, _local.hold, _local.admitted = previous
+        (_local.connection, _local.cost, _local.token, _local.hold, _local.admitted,
+         _local.cap) = previous
 
 
 def gate(provider: str, operation: str) -> None:
@@ -299,18 +313,21 @@ def gate(provider: str, operation: str) -> None:
     if connection is None or cost <= 0:
         return
     token = getattr(_local, "token", None)
-    kind, wait = admit(connection, cost, token, getattr(_local, "hold", 0.0))
+    cap = getattr(_local, "cap", None)
+    cap = max_inflight() if cap is None else cap
+    kind, wait = admit(connection, cost, token, getattr(_local, "hold", 0.0), cap)
     if kind == "cooldown":
         raise CoolingDown(f"{provider} connection {connection} is cooling down after a 429",
                           retry_after=wait, operation=operation)
     if kind == "full":
-        raise InflightCapReached(f"{provider} connection {connection} has {max_inflight()} jobs in flight "
-                                 "(PSA_MAX_INFLIGHT_PER_CONNECTION)", retry_after=inflight_retry_delay(),
+        raise InflightCapReached(f"{provider} connection {connection} has {cap} jobs in flight "
+                                 "(PSA_MAX_INFLIGHT_PER_CONNECTION, or the PSA's own limit)",
+                                 retry_after=inflight_retry_delay(),
                                  operation=operation)
     if wait > max_wait():
         raise Throttled(f"{provider} connection {connection} is over its rate limit "
                         f"({rate_per_second():g}/s)", retry_after=wait, operation=operation)
     _local.cost = 0  # admitted: the job's other calls pass
-    _local.admitted = token is not None and max_inflight() > 0  # holds a slot to give back
+    _local.admitted = token is not None and cap > 0  # holds a slot to give back
     if wait > 0:
         time.sleep(wait)

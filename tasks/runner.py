@@ -16,7 +16,7 @@ from typing import Any
 from models import AttemptOutcome, JobState, SessionStatus, utcnow
 from models.crypto import ConfigurationError
 from models.db import describe_error, is_db_error
-from providers import provider_for
+from providers import REGISTRY, provider_for
 from providers.errors import PsaAuthError, PsaError, PsaRateLimited
 from providers.http import add_gate, add_observer
 from tasks import admin, events, ratelimit, steps, store
@@ -105,7 +105,10 @@ def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
     calls = (2 if job.markdown is not None else 0) + (3 if job.target_status_id is not None else 0)
     _running.job = job
     try:
-        with ratelimit.counting_against(limited, calls=max(calls, 1), token=job.token, hold=store.lease_seconds()):
+        # A PSA's own concurrency limit (Autotask: 3 requests at once) caps its jobs too.
+        cap = ratelimit.inflight_cap(getattr(REGISTRY.get(job.provider or ""), "max_concurrent_requests", None))
+        with ratelimit.counting_against(limited, calls=max(calls, 1), token=job.token, hold=store.lease_seconds(),
+                                        cap=cap):
             return _run_calls(job, policy)
     finally:
         _running.job = None

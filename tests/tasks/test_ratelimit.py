@@ -120,6 +120,33 @@ def test_the_in_flight_cap_admits_that_many_jobs_and_a_released_slot_is_free_aga
     assert _redis_client().zcard(ratelimit._key("inflight", key)) == 0
 
 
+def test_a_psas_own_concurrency_limit_caps_its_jobs_even_with_our_cap_off(limiter_keys, monkeypatch):
+    # given Autotask's 3 concurrent requests, our cap at 8, then off
+    from providers.autotask import AutotaskProvider
+
+    limit = AutotaskProvider.max_concurrent_requests
+    monkeypatch.setenv("PSA_MAX_INFLIGHT_PER_CONNECTION", "8")
+    assert ratelimit.inflight_cap(limit) == 3 and ratelimit.inflight_cap(None) == 8
+    monkeypatch.setenv("PSA_MAX_INFLIGHT_PER_CONNECTION", "2")
+    assert ratelimit.inflight_cap(limit) == 2  # a lower cap of ours still wins
+    monkeypatch.setenv("PSA_MAX_INFLIGHT_PER_CONNECTION", "0")
+    assert ratelimit.inflight_cap(limit) == 3 and ratelimit.inflight_cap(None) == 0
+    # when four jobs of one such connection ask at once
+    key = limiter_keys()
+    blocks = [ratelimit.counting_against(key, token=f"job-{n}", hold=60, cap=ratelimit.inflight_cap(limit))
+              for n in range(4)]
+    for block in blocks[:3]:
+        block.__enter__()
+        ratelimit.gate("autotask", "get_ticket")
+    # then the fourth is deferred, naming the cap, and no slot is taken for it
+    with blocks[3], pytest.raises(ratelimit.InflightCapReached, match="has 3 jobs in flight"):
+        ratelimit.gate("autotask", "get_ticket")
+    assert _redis_client().zcard(ratelimit._key("inflight", key)) == 3
+    for block in reversed(blocks[:3]):  # nested in this one thread, so left innermost first
+        block.__exit__(None, None, None)
+    assert _redis_client().zcard(ratelimit._key("inflight", key)) == 0
+
+
 def test_a_job_over_the_cap_waits_longer_the_more_often_it_waited_before():
     for deferrals, low, high in ((0, 0.5, 1), (1, 1, 2), (3, 4, 8), (9, 15, 30)):
         delays = [ratelimit.inflight_retry_delay(deferrals) for _ in range(50)]
