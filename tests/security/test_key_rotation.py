@@ -26,6 +26,9 @@ K1 = harness.FAKE_FERNET_KEY  # the suite's key: what the rows below are encrypt
 BEFORE_0007 = "0006_note_watermark"
 
 
+# Allowed by name, so add_connection does not look them up (there is no DNS here).
+_NAMED_HOSTS = "one.example,two.example,three.example,cw.example"
+
 def rotate_keys(keys: str) -> tuple[int, dict]:
     proc = subprocess.run([sys.executable, "-m", "worker.cli", "rotate-keys", "--json"], cwd=ROOT, timeout=120,
                           capture_output=True, text=True, env={**os.environ, crypto.ENV_VAR: keys})
@@ -56,6 +59,7 @@ def _keys_of(conn_id: int) -> tuple[str, str] | str:
 
 
 def test_rotate_keys_moves_every_key_to_the_new_key_binds_legacy_rows_and_is_idempotent(db_clean, monkeypatch):
+    monkeypatch.setenv("PSA_ALLOWED_HOSTS", _NAMED_HOSTS)
     # Given two connections encrypted with K1, one of them still in the legacy form
     bound = _add(1, "https://one.example/apis/3.0", "fake-pub-1", "fake-priv-1")
     legacy = _add(2, "https://two.example/apis/3.0", "fake-pub-2", "fake-priv-2")
@@ -77,7 +81,8 @@ def test_rotate_keys_moves_every_key_to_the_new_key_binds_legacy_rows_and_is_ide
     assert (code, report) == (0, {"rotated": 0, "bound": 0, "already_current": 2, "failed": []})
 
 
-def test_rotate_keys_reports_what_it_cannot_rotate_and_never_rebinds_a_repointed_row(db_clean):
+def test_rotate_keys_reports_what_it_cannot_rotate_and_never_rebinds_a_repointed_row(db_clean, monkeypatch):
+    monkeypatch.setenv("PSA_ALLOWED_HOSTS", _NAMED_HOSTS)
     good = _add(1, "https://one.example/apis/3.0", "fake-pub-1", "fake-priv-1")
     moved = _add(2, "https://two.example/apis/3.0", "fake-pub-2", "fake-priv-2")
     lost = _add(3, "https://three.example/apis/3.0", "fake-pub-3", "fake-priv-3")

@@ -23,7 +23,8 @@ def _raw(conn_id: int) -> tuple[bytes, bytes]:
         return bytes(row[0]), bytes(row[1])
 
 
-def test_add_connection_stores_each_key_bound_to_the_connection_id_and_base_url(db_clean):
+def test_add_connection_stores_each_key_bound_to_the_connection_id_and_base_url(db_clean, monkeypatch):
+    monkeypatch.setenv("PSA_ALLOWED_HOSTS", "cw.example")  # named, so not looked up (no DNS here)
     with session_scope() as db:
         conn = admin.add_connection(db, account_id=1, provider="connectwise", base_url="https://cw.example/apis/3.0/",
                                     company_id="acme", client_id="cid", public_key="fake-pub-1",
