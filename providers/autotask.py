@@ -20,7 +20,6 @@ Vendor quirks that shaped this module (see shared/reference/psa-apis.md §2):
 """
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +29,7 @@ from providers.base import BoardStatus, Credentials, PostedNote, Ticket
 from providers.errors import PsaProtocolError
 from providers.http import call, pooled_session
 from providers.picklists import PICKLISTS, Picklist
+from providers.values import parse_iso, to_int
 
 NOTE_PAGE_SIZE = 500  # Autotask's MaxRecords ceiling
 NOTE_PAGES_MAX = 20
@@ -108,7 +108,7 @@ class AutotaskProvider:
         item = body["item"]
         if not isinstance(item, dict) or item.get("id") is None:  # Autotask: 200 {"item": null}
             raise E.PsaNotFound(f"ticket {ticket_id} not found", operation="get_ticket")
-        status = _int(item.get("status"))
+        status = to_int(item.get("status"))
         label = self._status_label(status)
         return Ticket(id=int(item["id"]), status_id=status, status_name=label, board_id=TENANT_BOARD,
                       closed=_closed(label) if label is not None else None)
@@ -214,7 +214,7 @@ def _picklists(body: Any, entity: str) -> dict[str, Picklist]:
             continue
         values: dict[int, tuple[str, bool]] = {}
         for v in f.get("picklistValues") or []:
-            value = _int(v.get("value")) if isinstance(v, dict) else None
+            value = to_int(v.get("value")) if isinstance(v, dict) else None
             if value is not None:
                 values[value] = (str(v.get("label") or ""), bool(v.get("isActive", True)))
         out[str(f.get("name"))] = Picklist(f"{entity}.{f.get('name')}", values)
@@ -224,7 +224,7 @@ def _picklists(body: Any, entity: str) -> dict[str, Picklist]:
 def _note(item: Any, internal_publish: int) -> PostedNote:
     if not isinstance(item, dict) or item.get("id") is None:
         raise PsaProtocolError("note had no id", operation="list_notes")
-    if _int(item.get("publish")) == internal_publish:
+    if to_int(item.get("publish")) == internal_publish:
         vis = NoteVisibility.INTERNAL
     elif item.get("title") == TITLES[NoteVisibility.DISCUSSION]:
         vis = NoteVisibility.DISCUSSION
@@ -232,22 +232,8 @@ def _note(item: Any, internal_publish: int) -> PostedNote:
         vis = NoteVisibility.RESOLUTION
     created = item.get("createDateTime")
     return PostedNote(id=str(item["id"]), text=str(item.get("description") or ""), visibility=vis,
-                      created_at=_parse_dt(created) if isinstance(created, str) else None)
+                      created_at=parse_iso(created) if isinstance(created, str) else None)
 
 
 def _closed(label: str) -> bool:
     return label.strip().lower() in CLOSED_LABELS
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(value) if value is not None and not isinstance(value, bool) else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _parse_dt(value: str) -> dt.datetime | None:
-    try:
-        return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None

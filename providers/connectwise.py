@@ -15,7 +15,6 @@ Vendor quirks that shaped this module (see shared/reference/psa-apis.md §1):
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import os
 from typing import Any
 
@@ -24,6 +23,7 @@ from providers.base import BoardStatus, Credentials, PostedNote, Ticket
 from providers.errors import PsaProtocolError
 from providers.http import call, pooled_session
 from providers.text import clean_line, clean_optional, clean_text
+from providers.values import parse_iso, to_int
 
 API_VERSION = os.environ.get("CW_API_VERSION", "2025.16")
 TICKET_FIELDS = "id,status,closedFlag,board,_info"
@@ -97,7 +97,7 @@ class ConnectWiseProvider:
             notes += page
             if len(page) < NOTE_PAGE_SIZE:
                 return notes
-            last = _int(page[-1].id)
+            last = to_int(page[-1].id)
             if last is None or last <= cursor:  # the condition was ignored: paging would never end
                 raise PsaProtocolError(f"notes reply for ticket {ticket_id} did not honour id > {cursor}",
                                        operation="list_notes")
@@ -121,9 +121,9 @@ def _ticket(body: Any) -> Ticket:
         raise PsaProtocolError("ticket reply had no id", operation="get_ticket")
     status = body.get("status") or {}
     board = body.get("board") or {}
-    return Ticket(id=int(body["id"]), status_id=_int(status.get("id")),
+    return Ticket(id=int(body["id"]), status_id=to_int(status.get("id")),
                   status_name=clean_optional(status.get("name"), STATUS_NAME_LIMIT),
-                  board_id=_int(board.get("id")), closed=body.get("closedFlag"))
+                  board_id=to_int(board.get("id")), closed=body.get("closedFlag"))
 
 
 def _notes(body: Any) -> list[PostedNote]:
@@ -148,18 +148,4 @@ def _note(body: Any) -> PostedNote:
     if len(note_id) > NOTE_ID_LIMIT or not note_id.isprintable():  # CW ids are integers
         raise PsaProtocolError("note reply had an id that is not a ConnectWise note id", operation="post_note")
     return PostedNote(id=note_id, text=clean_text(body.get("text") or ""), visibility=vis,
-                      created_at=_parse_dt(created) if created else None)
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _parse_dt(value: str) -> dt.datetime | None:
-    try:
-        return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
+                      created_at=parse_iso(created) if created else None)

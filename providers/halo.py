@@ -28,6 +28,7 @@ from providers.errors import PsaProtocolError
 from providers.halo_tokens import TOKENS, TokenSource
 from providers.http import call, pooled_session
 from providers.picklists import PICKLISTS, Picklist
+from providers.values import to_int
 
 ACTION_PAGE_SIZE = 100
 ACTION_PAGES_MAX = 50
@@ -161,14 +162,14 @@ class HaloProvider:
             if not isinstance(rows, list):
                 raise PsaProtocolError("statuses reply was not a list", operation="list_statuses")
             values = {int(s["id"]): (str(s.get("name") or ""), not s.get("inactive", False))
-                      for s in rows if isinstance(s, dict) and _int(s.get("id")) is not None}
+                      for s in rows if isinstance(s, dict) and to_int(s.get("id")) is not None}
             return {"status": Picklist("Status", values)}
         return PICKLISTS.get(self._cache_key + "|Status", load, "status")
 
     def _ticket(self, body: Any) -> Ticket:
-        if not isinstance(body, dict) or _int(body.get("id")) is None:
+        if not isinstance(body, dict) or to_int(body.get("id")) is None:
             raise PsaProtocolError("ticket reply had no id", operation="get_ticket")
-        status = _int(body.get("status_id"))
+        status = to_int(body.get("status_id"))
         name = body.get("status_name")
         if not name and status is not None:
             try:
@@ -192,7 +193,7 @@ class HaloProvider:
             for row in rows:
                 note = _note(row, discussion)
                 seen[note.id] = note
-            total = _int(body.get("record_count"))
+            total = to_int(body.get("record_count"))
             if len(rows) < ACTION_PAGE_SIZE or total is None or len(seen) >= total:
                 return sorted(seen.values(), key=lambda n: int(n.id))
         # Never guess: a reconcile that cannot see every candidate must not post again.
@@ -214,7 +215,7 @@ E.register_mapping("halo", map_error)
 
 
 def _note(row: Any, discussion_outcome: str) -> PostedNote:
-    if not isinstance(row, dict) or _int(row.get("id")) is None:
+    if not isinstance(row, dict) or to_int(row.get("id")) is None:
         raise PsaProtocolError("action had no id", operation="list_notes")
     if row.get("hiddenfromuser"):
         vis = NoteVisibility.INTERNAL
@@ -222,15 +223,8 @@ def _note(row: Any, discussion_outcome: str) -> PostedNote:
         vis = NoteVisibility.DISCUSSION
     else:
         vis = NoteVisibility.RESOLUTION
-    return PostedNote(id=str(_int(row["id"])), text=str(row.get("note") or ""), visibility=vis)
+    return PostedNote(id=str(to_int(row["id"])), text=str(row.get("note") or ""), visibility=vis)
 
 
 def _closed(name: str) -> bool:
     return name.strip().lower() in CLOSED_NAMES
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(value) if value is not None and not isinstance(value, bool) else None
-    except (TypeError, ValueError):
-        return None

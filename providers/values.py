@@ -1,0 +1,24 @@
+"""Reading ids and timestamps out of a PSA's JSON, the same way for every provider: a value
+that is not what it should be becomes None (the caller decides whether that is a protocol
+error), never an exception from deep inside a parser."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+
+def to_int(value: Any) -> int | None:
+    # bool is an int in Python: a vendor's `true` is not id 1.
+    try:
+        return int(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_iso(value: Any) -> dt.datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
