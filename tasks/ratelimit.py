@@ -49,22 +49,73 @@ _client_lock = threading.Lock()
 _clients: dict[str, Any] = {}
 _failed_at = 0.0
 
-# KEYS[1] cooldown, KEYS[2] bucket, KEYS[3] in-flight set; ARGV rate/s, burst, now (s), longest wait (s),
-# tokens, in-flight cap, job token ('' = no cap check), seconds a slot is held at most. One round trip per job.
-# Returns {1, ms} while cooling down, {2, 0} when the connection has `cap` jobs in flight,
-# else {0, ms to wait for the tokens} (0: taken; rate 0: off); a job that will wait no longer
-# than ARGV[4] is admitted and takes its in-flight slot.
+# KEYS[1] cooldown, KEYS[2] bucket, KEYS[3] in-flight set, KEYS[4] hourly counts; ARGV rate/s, burst,
+# now (s), longest wait (s), tokens, in-flight cap, job token ('' = no cap check), seconds a slot is
+# held at most, hourly budget (0 = none), calls from which to slow down, window (s), alert
+# threshold (s). One round trip per job. Returns {kind, ms, announce, calls in the window}:
+# kind 1 while cooling down, 2 when the connection has `cap` jobs in flight, 3 at its hourly
+# budget (ms: until enough of the window's oldest minutes fall out), 4 in the slowdown band
+# before it (ms: until the band's pace allows the next job), else 0 (ms to wait for the
+# tokens; 0: taken; rate 0: off); a job that will wait no longer than ARGV[4] is admitted,
+# takes its in-flight slot and counts its calls in the window. announce is 1 for the one
+# job of a long hourly pause that should say so (one `long_deferral` alert per pause).
 _GATE = """
 local cool = redis.call('PTTL', KEYS[1])
-if cool > 0 then return {1, cool} end
+if cool > 0 then return {1, cool, 0, 0} end
 local now, cap, token = tonumber(ARGV[3]), tonumber(ARGV[6]), ARGV[7]
 local capped = cap > 0 and token ~= ''
 if capped then
   -- slots whose holder's lease ran out (a worker that died mid-job) are free again
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   if redis.call('ZSCORE', KEYS[3], token) == false and redis.call('ZCARD', KEYS[3]) >= cap then
-    return {2, 0}
+    return {2, 0, 0, 0}
   end
+end
+local budget, used, pace, minute, width = tonumber(ARGV[9]), 0, 0, 0, 0
+if budget > 0 then
+  -- a rolling window of 60 minute counts (field = minute number); 'next' is when the
+  -- slowdown band lets the next job in, 'alerted' until when a long pause was announced
+  local window = tonumber(ARGV[11])
+  width = window / 60
+  minute = math.floor(now / width)
+  local fields = redis.call('HGETALL', KEYS[4])
+  local minutes, counts, nextat, alerted = {}, {}, 0, 0
+  for i = 1, #fields, 2 do
+    local f, v = fields[i], tonumber(fields[i + 1])
+    if f == 'next' then nextat = v
+    elseif f == 'alerted' then alerted = v
+    elseif tonumber(f) <= minute - 60 then redis.call('HDEL', KEYS[4], f)
+    else
+      used = used + v
+      minutes[#minutes + 1] = tonumber(f)
+      counts[tonumber(f)] = v
+    end
+  end
+  local cost = math.min(tonumber(ARGV[5]), budget)
+  local kind, wait = 0, 0
+  if used + cost > budget then
+    -- wait until the oldest minutes falling out of the window leave room for this job
+    table.sort(minutes)
+    local freed = 0
+    for _, m in ipairs(minutes) do
+      freed = freed + counts[m]
+      if used + cost - freed <= budget then wait = (m + 60) * width - now break end
+    end
+    kind = 3
+  elseif used + cost > tonumber(ARGV[10]) and now < nextat then
+    kind, wait = 4, nextat - now
+  end
+  if kind > 0 then
+    local announce = 0
+    if wait > tonumber(ARGV[12]) and alerted < now then
+      announce = 1
+      redis.call('HSET', KEYS[4], 'alerted', string.format('%.3f', now + wait))
+    end
+    return {kind, math.ceil(wait * 1000), announce, used}
+  end
+  -- in the band, the budget left is spread over a window: the nearer the budget, the slower
+  -- (never longer than the window: by then every call counted now has fallen out)
+  if used + cost > tonumber(ARGV[10]) then pace = math.min(cost * window / math.max(budget - used - cost, 1), window) end
 end
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local wait = 0
@@ -80,14 +131,23 @@ if rate > 0 then
   redis.call('HSET', KEYS[2], 'tokens', tokens, 'at', now)
   redis.call('PEXPIRE', KEYS[2], math.ceil(burst / rate * 1000) + 1000)
 end
-if capped and wait <= tonumber(ARGV[4]) * 1000 then
-  local hold = tonumber(ARGV[8])
-  redis.call('ZADD', KEYS[3], string.format('%.3f', now + hold), token)
-  -- the set outlives its newest slot by a second, then goes when idle
-  local ttl = math.ceil(hold * 1000) + 1000
-  if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
+if wait <= tonumber(ARGV[4]) * 1000 then
+  if capped then
+    local hold = tonumber(ARGV[8])
+    redis.call('ZADD', KEYS[3], string.format('%.3f', now + hold), token)
+    -- the set outlives its newest slot by a second, then goes when idle
+    local ttl = math.ceil(hold * 1000) + 1000
+    if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
+  end
+  if budget > 0 then
+    used = used + tonumber(ARGV[5])
+    redis.call('HINCRBY', KEYS[4], minute, tonumber(ARGV[5]))
+    if pace > 0 then redis.call('HSET', KEYS[4], 'next', string.format('%.3f', now + pace)) end
+    -- the counts outlive their newest minute by the window, then go when idle
+    redis.call('PEXPIRE', KEYS[4], math.ceil(61 * width * 1000))
+  end
 end
-return {0, wait}
+return {0, wait, 0, used}
 """
 # KEYS[1] cooldown; ARGV ms, alert threshold ms. Never shortens a longer cooldown another
 # worker set. Returns {ms left, 1 if this call made the cooldown longer than the threshold}:
@@ -118,6 +178,22 @@ class CoolingDown(Throttled):
 
 class InflightCapReached(Throttled):
     """PSA_MAX_INFLIGHT_PER_CONNECTION jobs of this connection are running already."""
+
+
+class HourlyLimitNear(Throttled):
+    """The connection's calls in the rolling hour are in the slowdown band or at the budget:
+    `announce` is set on the one job of a long pause that raises its `long_deferral` alert."""
+
+    announce = False
+
+
+class HourlySlowdown(HourlyLimitNear):
+    """Above the slowdown share of the hourly budget: the connection's jobs are paced, the
+    slower the nearer the budget."""
+
+
+class HourlyBudgetReached(HourlyLimitNear):
+    """At the hourly budget: nothing until enough of the window's oldest calls fall out."""
 
 
 def connection_key(connection_id: int, base_url: str) -> str:
@@ -156,6 +232,33 @@ def inflight_cap(vendor_limit: int | None = None) -> int:
     if not vendor_limit:
         return ours
     return vendor_limit if ours <= 0 else min(ours, vendor_limit)
+
+
+def hourly_window() -> float:
+    """The rolling window of an hourly call limit (shorter only in tests)."""
+    return float(os.environ.get("PSA_HOURLY_WINDOW_SECONDS", "3600"))
+
+
+def hourly_limits(provider: str, vendor_limit: int | None = None) -> tuple[int, int]:
+    """(calls per rolling window we use at most, calls from which we slow down) for a
+    connection whose PSA allows `vendor_limit` calls per hour, shared with the tenant's other
+    integrations (Autotask: 10,000 per database); (0, 0) when it has no such limit. The
+    budget is <PROVIDER>_HOURLY_CALL_BUDGET (default 90% of the vendor's, never above it), the
+    slowdown from the share <PROVIDER>_HOURLY_SLOWDOWN_AT of the budget (default 0.8)."""
+    if not vendor_limit:
+        return 0, 0
+    prefix = provider.upper()
+    budget = int(os.environ.get(f"{prefix}_HOURLY_CALL_BUDGET", str(vendor_limit * 9 // 10)))
+    budget = max(1, min(budget, vendor_limit))
+    share = float(os.environ.get(f"{prefix}_HOURLY_SLOWDOWN_AT", "0.8"))
+    return budget, max(0, min(int(budget * share), budget))
+
+
+def hourly_spread(deferrals: int = 0) -> float:
+    """Jitter added to an hourly deferral, growing with the job's earlier deferrals up to a
+    minute: a backlog held at the budget comes back spread out, not all at the instant the
+    window frees (only a few of them would fit then; the rest would be claimed for nothing)."""
+    return random.uniform(0, min(2.0 ** max(deferrals, 0), 60.0))
 
 
 def max_retry_after() -> float:
@@ -251,21 +354,32 @@ def start_cooldown(connection: str, seconds: float | None) -> tuple[float, bool 
     return int(left) / 1000, bool(made_long)
 
 
-@_guard(("go", 0.0))
 def admit(connection: str, cost: int = 1, token: str | None = None, hold: float = 0.0,
-          cap: int | None = None) -> tuple[str, float]:
+          cap: int | None = None, hourly: tuple[int, int] = (0, 0)) -> tuple[str, float]:
     """Take `cost` calls' tokens and, with a job `token`, one of the connection's in-flight
-    slots for at most `hold` seconds. Returns ("go", seconds to wait first), ("cooldown",
-    seconds left) or ("full", 0): nothing taken in the last two cases, nor when the wait
-    would be longer than max_wait()."""
+    slots for at most `hold` seconds; with an `hourly` (budget, slowdown from) limit, count the
+    calls in the connection's rolling window. Returns ("go", seconds to wait first),
+    ("cooldown", seconds left), ("full", 0), ("hourly", seconds until the window has room)
+    or ("slowdown", seconds until the band's pace allows): nothing taken in the last four
+    cases, nor when the wait would be longer than max_wait()."""
+    kind, seconds, _announce, _used = _admit(connection, cost, token, hold, cap, hourly)
+    return kind, seconds
+
+
+@_guard(("go", 0.0, False, 0))
+def _admit(connection: str, cost: int, token: str | None, hold: float, cap: int | None,
+           hourly: tuple[int, int]) -> tuple[str, float, bool, int]:
     client = _redis()
     if client is None:
-        return "go", 0.0
+        return "go", 0.0, False, 0
     cap = (max_inflight() if cap is None else cap) if token else 0
-    kind, ms = client._pswb_scripts[0](
-        keys=[_key("cooldown", connection), _key("bucket", connection), _key("inflight", connection)],
-        args=[rate_per_second(), burst(), time.time(), max_wait(), cost, cap, token or "", hold])
-    return {0: "go", 1: "cooldown", 2: "full"}[int(kind)], int(ms) / 1000
+    kind, ms, announce, used = client._pswb_scripts[0](
+        keys=[_key("cooldown", connection), _key("bucket", connection), _key("inflight", connection),
+              _key("hourly", connection)],
+        args=[rate_per_second(), burst(), time.time(), max_wait(), cost, cap, token or "", hold,
+              hourly[0], hourly[1], hourly_window(), long_deferral_after()])
+    kinds = {0: "go", 1: "cooldown", 2: "full", 3: "hourly", 4: "slowdown"}
+    return kinds[int(kind)], int(ms) / 1000, bool(announce), int(used)
 
 
 def take_token(connection: str, cost: int = 1) -> float:
@@ -285,24 +399,45 @@ def release(connection: str, token: str) -> None:
 
 @contextlib.contextmanager
 def counting_against(connection: str | None, calls: int = 1, *, token: str | None = None,
-                     hold: float = 0.0, cap: int | None = None) -> Iterator[None]:
+                     hold: float = 0.0, cap: int | None = None,
+                     hourly: tuple[int, int] = (0, 0)) -> Iterator[None]:
     """PSA calls made by this thread inside the block count against `connection`: the first
     one passes the gate for `calls` calls (the job's expected number), the others go. With
     a job `token`, the first call also takes one of the connection's in-flight slots, for at
     most `hold` seconds (the job's lease: a slot of a worker that died mid-job frees itself
     when another execution may take the job over); leaving the block gives it back. `cap`
-    overrides PSA_MAX_INFLIGHT_PER_CONNECTION for this connection (inflight_cap)."""
+    overrides PSA_MAX_INFLIGHT_PER_CONNECTION for this connection (inflight_cap); `hourly`
+    is its PSA's (budget, slowdown from) calls per rolling hour (hourly_limits)."""
     previous = (getattr(_local, "connection", None), getattr(_local, "cost", 0), getattr(_local, "token", None),
-                getattr(_local, "hold", 0.0), getattr(_local, "admitted", False), getattr(_local, "cap", None))
-    _local.connection, _local.cost, _local.token, _local.hold, _local.admitted, _local.cap = (
-        connection, calls, token, hold, False, cap)
+                getattr(_local, "hold", 0.0), getattr(_local, "admitted", False), getattr(_local, "cap", None),
+                getattr(_local, "hourly", (0, 0)))
+    (_local.connection, _local.cost, _local.token, _local.hold, _local.admitted, _local.cap,
+     _local.hourly) = (connection, calls, token, hold, False, cap, hourly)
     try:
         yield
     finally:
         if _local.admitted and connection is not None and token:
             release(connection, token)
         (_local.connection, _local.cost, _local.token, _local.hold, _local.admitted,
-         _local.cap) = previous
+         _local.cap, _local.hourly) = previous
+
+
+def _hourly_refusal(provider: str, operation: str, connection: str, kind: str, wait: float, announce: bool,
+                    used: int, hourly: tuple[int, int]) -> None:
+    budget, slow_from = hourly
+    limit = f"{provider.upper()}_HOURLY_CALL_BUDGET={budget}"
+    if kind == "hourly":
+        err: HourlyLimitNear = HourlyBudgetReached(
+            f"{provider} connection {connection} made {used} calls in the last {hourly_window():g}s, its "
+            f"hourly budget ({limit}): waiting {wait:.0f}s for the window to free", retry_after=wait,
+            operation=operation)
+    else:
+        err = HourlySlowdown(
+            f"{provider} connection {connection} made {used} calls in the last {hourly_window():g}s, above "
+            f"{slow_from} ({provider.upper()}_HOURLY_SLOWDOWN_AT of {limit}): slowing down, next job in "
+            f"{wait:.1f}s", retry_after=wait, operation=operation)
+    err.announce = announce
+    raise err
 
 
 def gate(provider: str, operation: str) -> None:
@@ -315,7 +450,10 @@ def gate(provider: str, operation: str) -> None:
     token = getattr(_local, "token", None)
     cap = getattr(_local, "cap", None)
     cap = max_inflight() if cap is None else cap
-    kind, wait = admit(connection, cost, token, getattr(_local, "hold", 0.0), cap)
+    hourly = getattr(_local, "hourly", (0, 0))
+    kind, wait, announce, used = _admit(connection, cost, token, getattr(_local, "hold", 0.0), cap, hourly)
+    if kind in ("hourly", "slowdown"):
+        _hourly_refusal(provider, operation, connection, kind, wait, announce, used, hourly)
     if kind == "cooldown":
         raise CoolingDown(f"{provider} connection {connection} is cooling down after a 429",
                           retry_after=wait, operation=operation)
