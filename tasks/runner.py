@@ -256,7 +256,7 @@ def _defer(job: ClaimedJob, err: PsaError, step: str) -> Outcome:
     if isinstance(err, ratelimit.InflightCapReached):
         wait = ratelimit.inflight_retry_delay(job.deferrals)  # longer for a job that waited before
     spread = ratelimit.hourly_spread(job.deferrals) if isinstance(err, ratelimit.HourlyLimitNear) else 0.0
-    delay = ratelimit.capped_wait(wait) + random.uniform(0, 0.5) + spread
+    delay = ratelimit.capped_wait(wait + spread) + random.uniform(0, 0.5)
     store.schedule_retry(job, delay, err, None, step, spend_attempt=False)
     log.info("job %s deferred %.1fs: %s", job.id, delay, err.message, extra={"job_id": job.id, "step": step})
     events.emit("job_retry_scheduled", job_id=job.id, kind=job.kind, provider=job.provider,

@@ -15,7 +15,7 @@ from providers import REGISTRY
 from providers.simulators.autotask import AutotaskSimulator
 from tasks import enqueue_resolve, ratelimit
 from tests.factories import World, attempts, wait_terminal
-from tests.tasks.test_tenant_limits import private_broker, start_workers  # noqa: F401  (fixture)
+from tests.tasks.test_tenant_limits import alerts, private_broker, start_workers  # noqa: F401  (fixture)
 
 
 class _Clock:
@@ -186,7 +186,8 @@ def test_an_autotask_connection_at_its_budget_is_deferred_then_finishes_when_the
     try:
         world = World.create(sim)
         [w] = start_workers(private_broker, tmp_path, 1, AUTOTASK_HOURLY_CALL_BUDGET="10",
-                            AUTOTASK_HOURLY_SLOWDOWN_AT="0.5", PSA_HOURLY_WINDOW_SECONDS="4")
+                            AUTOTASK_HOURLY_SLOWDOWN_AT="0.5", PSA_HOURLY_WINDOW_SECONDS="4",
+                            LONG_DEFERRAL_ALERT_SECONDS="1")
         try:
             # when 4 resolves are enqueued at once
             started = time.monotonic()
@@ -212,3 +213,6 @@ def test_an_autotask_connection_at_its_budget_is_deferred_then_finishes_when_the
     assert hourly >= 1
     # and 20 calls at 10 per 4 s window cannot all be made in one window
     assert took >= 4.0
+    # and a pause longer than LONG_DEFERRAL_ALERT_SECONDS (1 s here) raised the usual alert
+    said = [a for a in alerts("long_deferral") if "HOURLY" in (a.message or "")]
+    assert said and all("our own limiter deferred it" in a.message for a in said)
