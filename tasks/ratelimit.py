@@ -146,10 +146,20 @@ def hourly_limits(provider: str, vendor_limit: int | None = None) -> tuple[int, 
     if not vendor_limit:
         return 0, 0
     prefix = provider.upper()
-    budget = int(os.environ.get(f"{prefix}_HOURLY_CALL_BUDGET", str(vendor_limit * 9 // 10)))
-    budget = max(1, min(budget, vendor_limit))
-    share = float(os.environ.get(f"{prefix}_HOURLY_SLOWDOWN_AT", "0.8"))
+    budget = max(1, min(int(_number(f"{prefix}_HOURLY_CALL_BUDGET", vendor_limit * 9 // 10)), vendor_limit))
+    share = _number(f"{prefix}_HOURLY_SLOWDOWN_AT", 0.8)
     return budget, max(0, min(int(budget * share), budget))
+
+
+def _number(name: str, default: float) -> float:
+    """A numeric setting; a value that is not a number is named in an error log and the
+    default used: a typo in the worker's environment must not fail every tenant's jobs."""
+    raw = os.environ.get(name)
+    try:
+        return default if raw is None or raw.strip() == "" else float(raw)
+    except ValueError:
+        log.error("setting %s=%r is not a number; using %g", name, raw, default)
+        return default
 
 
 def hourly_spread(deferrals: int = 0) -> float:

@@ -83,6 +83,12 @@ def test_the_budget_and_slowdown_come_from_the_provider_and_the_settings(monkeyp
     assert ratelimit.hourly_limits("autotask", limit) == (10_000, 5000)
 
 
+def test_a_setting_that_is_not_a_number_is_named_and_the_default_used(monkeypatch, caplog):
+    monkeypatch.setenv("AUTOTASK_HOURLY_CALL_BUDGET", "9k")
+    assert ratelimit.hourly_limits("autotask", 10_000) == (9000, 7200)
+    assert "AUTOTASK_HOURLY_CALL_BUDGET='9k' is not a number" in caplog.text
+
+
 def test_the_window_counts_a_jobs_calls_and_forgets_minutes_older_than_the_window(hourly_key, budget_100):
     key, hourly = hourly_key(), ratelimit.hourly_limits("autotask", 10_000)
     # when two jobs of 5 calls run now and one of 3 calls half an hour later
