@@ -217,8 +217,9 @@ def test_an_autotask_connection_at_its_budget_is_deferred_then_finishes_when_the
         assert all("AUTOTASK_HOURLY_CALL_BUDGET=10" in x.error_message for x in mine)
         hourly += len(mine)
     assert hourly >= 1
-    # and 20 calls at 10 per 4 s window cannot all be made in one window
-    assert took >= 4.0
+    # and 20 calls at 10 per 4 s window cannot all be made in one window (unlimited, these
+    # four take well under a second; a minute of the window is 4/60 s, hence the margin)
+    assert took >= 3.5
     # and a pause longer than LONG_DEFERRAL_ALERT_SECONDS (1 s here) raised the usual alert
     said = [a for a in alerts("long_deferral") if "HOURLY" in (a.message or "")]
     assert said and all("our own limiter deferred it" in a.message for a in said)
