@@ -56,6 +56,10 @@ class AutotaskProvider:
     # Autotask refuses a 4th concurrent request per integration: the runner caps this
     # connection's jobs in flight (tasks.ratelimit.inflight_cap), across all workers.
     max_concurrent_requests = 3
+    # 10,000 calls per rolling hour per Autotask database, shared by every integration: the
+    # runner counts this connection's calls in Redis and slows down before the threshold
+    # (tasks.ratelimit.hourly_limits; AUTOTASK_HOURLY_CALL_BUDGET, AUTOTASK_HOURLY_SLOWDOWN_AT).
+    hourly_call_limit = 10_000
 
     def __init__(self, credentials: Credentials, options: Mapping[str, Any] | None = None) -> None:
         self._base = credentials.base_url.rstrip("/")

@@ -1,6 +1,6 @@
 """Per-PSA-connection rate limiting, shared by every worker through Redis.
 
-Three rules, all keyed by the connection (a tenant's PSA), never global:
+Four rules, all keyed by the connection (a tenant's PSA), never global:
 - Cooldown: a 429 from the PSA sets `psa-writeback:cooldown:<connection id>:<url hash>` for its
   Retry-After (RATE_LIMIT_DEFAULT_COOLDOWN_SECONDS when it gives none), capped at
   PSA_MAX_RETRY_AFTER_SECONDS: the tenant's server chooses the value, and `Retry-After:
@@ -21,11 +21,21 @@ Three rules, all keyed by the connection (a tenant's PSA), never global:
   short wait for tokens is slept; a longer one defers the job like a cooldown does. 0 turns
   the bucket off.
 
-Admission to all three is one Lua call per job (_GATE), at the job's first PSA call;
-leaving the in-flight set is one more, when the job's calls are over (release).
+- Hourly calls: a PSA that allows so many calls per rolling hour (Autotask: 10,000 per
+  database, shared with the tenant's other integrations; the provider's `hourly_call_limit`)
+  has its connection's calls counted in Redis (60 per-minute counts in a hash, expiring when
+  idle). We use at most <PROVIDER>_HOURLY_CALL_BUDGET of them (default 90%: headroom for the
+  other integrations); above <PROVIDER>_HOURLY_SLOWDOWN_AT of that (0.8) the jobs are paced,
+  the budget left spread over an hour (slower the nearer the budget), and at the budget they
+  wait until the window's oldest minutes fall out. Both are deferrals like the ones above;
+  one job per long pause announces it (long_deferral). Providers without a limit: no count.
+
+Admission to all four is one Lua call per job (_GATE, tasks.ratelimit_scripts), at the
+job's first PSA call; leaving the in-flight set is one more, when the job's calls are over
+(release).
 
 Redis is RATE_LIMIT_REDIS_URL, else the broker when it is Redis; without Redis (the demo)
-all three are off. If Redis fails, calls go ahead (fail open): the PSA's own 429s and the
+all four are off. If Redis fails, calls go ahead (fail open): the PSA's own 429s and the
 retry policy still protect it, and a writeback is never stuck on its rate limiter.
 """
 from __future__ import annotations
@@ -41,6 +51,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from providers.errors import PsaRateLimited
+from tasks.ratelimit_scripts import COOLDOWN as _COOLDOWN, GATE as _GATE, RELEASE as _RELEASE
 
 log = logging.getLogger("psa_writeback.ratelimit")
 
@@ -48,59 +59,6 @@ _local = threading.local()
 _client_lock = threading.Lock()
 _clients: dict[str, Any] = {}
 _failed_at = 0.0
-
-# KEYS[1] cooldown, KEYS[2] bucket, KEYS[3] in-flight set; ARGV rate/s, burst, now (s), longest wait (s),
-# tokens, in-flight cap, job token ('' = no cap check), seconds a slot is held at most. One round trip per job.
-# Returns {1, ms} while cooling down, {2, 0} when the connection has `cap` jobs in flight,
-# else {0, ms to wait for the tokens} (0: taken; rate 0: off); a job that will wait no longer
-# than ARGV[4] is admitted and takes its in-flight slot.
-_GATE = """
-local cool = redis.call('PTTL', KEYS[1])
-if cool > 0 then return {1, cool} end
-local now, cap, token = tonumber(ARGV[3]), tonumber(ARGV[6]), ARGV[7]
-local capped = cap > 0 and token ~= ''
-if capped then
-  -- slots whose holder's lease ran out (a worker that died mid-job) are free again
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  if redis.call('ZSCORE', KEYS[3], token) == false and redis.call('ZCARD', KEYS[3]) >= cap then
-    return {2, 0}
-  end
-end
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local wait = 0
-if rate > 0 then
-  local state = redis.call('HMGET', KEYS[2], 'tokens', 'at')
-  local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
-  tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
-  -- A caller that will sleep for its token takes it now (the bucket goes into debt), so the
-  -- next caller queues behind it; one that would wait longer than ARGV[4] takes nothing.
-  local cost = math.min(tonumber(ARGV[5]), burst)
-  if tokens < cost then wait = math.ceil((cost - tokens) / rate * 1000) end
-  if wait <= tonumber(ARGV[4]) * 1000 then tokens = tokens - cost end
-  redis.call('HSET', KEYS[2], 'tokens', tokens, 'at', now)
-  redis.call('PEXPIRE', KEYS[2], math.ceil(burst / rate * 1000) + 1000)
-end
-if capped and wait <= tonumber(ARGV[4]) * 1000 then
-  local hold = tonumber(ARGV[8])
-  redis.call('ZADD', KEYS[3], string.format('%.3f', now + hold), token)
-  -- the set outlives its newest slot by a second, then goes when idle
-  local ttl = math.ceil(hold * 1000) + 1000
-  if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
-end
-return {0, wait}
-"""
-# KEYS[1] cooldown; ARGV ms, alert threshold ms. Never shortens a longer cooldown another
-# worker set. Returns {ms left, 1 if this call made the cooldown longer than the threshold}:
-# of many workers hitting the same 429 storm, exactly one hears "you made it long".
-_COOLDOWN = """
-local left = redis.call('PTTL', KEYS[1])
-local ms = tonumber(ARGV[1])
-if left < ms then redis.call('SET', KEYS[1], '1', 'PX', ms) end
-local made_long = 0
-if left <= tonumber(ARGV[2]) and ms > tonumber(ARGV[2]) then made_long = 1 end
-return {math.max(left, ms), made_long}
-"""
-_RELEASE = "return redis.call('ZREM', KEYS[1], ARGV[1])"
 
 
 class Throttled(PsaRateLimited):
@@ -118,6 +76,22 @@ class CoolingDown(Throttled):
 
 class InflightCapReached(Throttled):
     """PSA_MAX_INFLIGHT_PER_CONNECTION jobs of this connection are running already."""
+
+
+class HourlyLimitNear(Throttled):
+    """The connection's calls in the rolling hour are in the slowdown band or at the budget:
+    `announce` is set on the one job of a long pause that raises its `long_deferral` alert."""
+
+    announce = False
+
+
+class HourlySlowdown(HourlyLimitNear):
+    """Above the slowdown share of the hourly budget: the connection's jobs are paced, the
+    slower the nearer the budget."""
+
+
+class HourlyBudgetReached(HourlyLimitNear):
+    """At the hourly budget: nothing until enough of the window's oldest calls fall out."""
 
 
 def connection_key(connection_id: int, base_url: str) -> str:
@@ -156,6 +130,43 @@ def inflight_cap(vendor_limit: int | None = None) -> int:
     if not vendor_limit:
         return ours
     return vendor_limit if ours <= 0 else min(ours, vendor_limit)
+
+
+def hourly_window() -> float:
+    """The rolling window of an hourly call limit (shorter only in tests)."""
+    return float(os.environ.get("PSA_HOURLY_WINDOW_SECONDS", "3600"))
+
+
+def hourly_limits(provider: str, vendor_limit: int | None = None) -> tuple[int, int]:
+    """(calls per rolling window we use at most, calls from which we slow down) for a
+    connection whose PSA allows `vendor_limit` calls per hour, shared with the tenant's other
+    integrations (Autotask: 10,000 per database); (0, 0) when it has no such limit. The
+    budget is <PROVIDER>_HOURLY_CALL_BUDGET (default 90% of the vendor's, never above it), the
+    slowdown from the share <PROVIDER>_HOURLY_SLOWDOWN_AT of the budget (default 0.8)."""
+    if not vendor_limit:
+        return 0, 0
+    prefix = provider.upper()
+    budget = max(1, min(int(_number(f"{prefix}_HOURLY_CALL_BUDGET", vendor_limit * 9 // 10)), vendor_limit))
+    share = _number(f"{prefix}_HOURLY_SLOWDOWN_AT", 0.8)
+    return budget, max(0, min(int(budget * share), budget))
+
+
+def _number(name: str, default: float) -> float:
+    """A numeric setting; a value that is not a number is named in an error log and the
+    default used: a typo in the worker's environment must not fail every tenant's jobs."""
+    raw = os.environ.get(name)
+    try:
+        return default if raw is None or raw.strip() == "" else float(raw)
+    except ValueError:
+        log.error("setting %s=%r is not a number; using %g", name, raw, default)
+        return default
+
+
+def hourly_spread(deferrals: int = 0) -> float:
+    """Jitter added to an hourly deferral, growing with the job's earlier deferrals up to a
+    minute: a backlog held at the budget comes back spread out, not all at the instant the
+    window frees (only a few of them would fit then; the rest would be claimed for nothing)."""
+    return random.uniform(0, min(2.0 ** max(deferrals, 0), 60.0))
 
 
 def max_retry_after() -> float:
@@ -251,21 +262,32 @@ def start_cooldown(connection: str, seconds: float | None) -> tuple[float, bool 
     return int(left) / 1000, bool(made_long)
 
 
-@_guard(("go", 0.0))
 def admit(connection: str, cost: int = 1, token: str | None = None, hold: float = 0.0,
-          cap: int | None = None) -> tuple[str, float]:
+          cap: int | None = None, hourly: tuple[int, int] = (0, 0)) -> tuple[str, float]:
     """Take `cost` calls' tokens and, with a job `token`, one of the connection's in-flight
-    slots for at most `hold` seconds. Returns ("go", seconds to wait first), ("cooldown",
-    seconds left) or ("full", 0): nothing taken in the last two cases, nor when the wait
-    would be longer than max_wait()."""
+    slots for at most `hold` seconds; with an `hourly` (budget, slowdown from) limit, count the
+    calls in the connection's rolling window. Returns ("go", seconds to wait first),
+    ("cooldown", seconds left), ("full", 0), ("hourly", seconds until the window has room)
+    or ("slowdown", seconds until the band's pace allows): nothing taken in the last four
+    cases, nor when the wait would be longer than max_wait()."""
+    kind, seconds, _announce, _used = _admit(connection, cost, token, hold, cap, hourly)
+    return kind, seconds
+
+
+@_guard(("go", 0.0, False, 0))
+def _admit(connection: str, cost: int, token: str | None, hold: float, cap: int | None,
+           hourly: tuple[int, int]) -> tuple[str, float, bool, int]:
     client = _redis()
     if client is None:
-        return "go", 0.0
+        return "go", 0.0, False, 0
     cap = (max_inflight() if cap is None else cap) if token else 0
-    kind, ms = client._pswb_scripts[0](
-        keys=[_key("cooldown", connection), _key("bucket", connection), _key("inflight", connection)],
-        args=[rate_per_second(), burst(), time.time(), max_wait(), cost, cap, token or "", hold])
-    return {0: "go", 1: "cooldown", 2: "full"}[int(kind)], int(ms) / 1000
+    kind, ms, announce, used = client._pswb_scripts[0](
+        keys=[_key("cooldown", connection), _key("bucket", connection), _key("inflight", connection),
+              _key("hourly", connection)],
+        args=[rate_per_second(), burst(), time.time(), max_wait(), cost, cap, token or "", hold,
+              hourly[0], hourly[1], hourly_window(), long_deferral_after()])
+    kinds = {0: "go", 1: "cooldown", 2: "full", 3: "hourly", 4: "slowdown"}
+    return kinds[int(kind)], int(ms) / 1000, bool(announce), int(used)
 
 
 def take_token(connection: str, cost: int = 1) -> float:
@@ -285,24 +307,45 @@ def release(connection: str, token: str) -> None:
 
 @contextlib.contextmanager
 def counting_against(connection: str | None, calls: int = 1, *, token: str | None = None,
-                     hold: float = 0.0, cap: int | None = None) -> Iterator[None]:
+                     hold: float = 0.0, cap: int | None = None,
+                     hourly: tuple[int, int] = (0, 0)) -> Iterator[None]:
     """PSA calls made by this thread inside the block count against `connection`: the first
     one passes the gate for `calls` calls (the job's expected number), the others go. With
     a job `token`, the first call also takes one of the connection's in-flight slots, for at
     most `hold` seconds (the job's lease: a slot of a worker that died mid-job frees itself
     when another execution may take the job over); leaving the block gives it back. `cap`
-    overrides PSA_MAX_INFLIGHT_PER_CONNECTION for this connection (inflight_cap)."""
+    overrides PSA_MAX_INFLIGHT_PER_CONNECTION for this connection (inflight_cap); `hourly`
+    is its PSA's (budget, slowdown from) calls per rolling hour (hourly_limits)."""
     previous = (getattr(_local, "connection", None), getattr(_local, "cost", 0), getattr(_local, "token", None),
-                getattr(_local, "hold", 0.0), getattr(_local, "admitted", False), getattr(_local, "cap", None))
-    _local.connection, _local.cost, _local.token, _local.hold, _local.admitted, _local.cap = (
-        connection, calls, token, hold, False, cap)
+                getattr(_local, "hold", 0.0), getattr(_local, "admitted", False), getattr(_local, "cap", None),
+                getattr(_local, "hourly", (0, 0)))
+    (_local.connection, _local.cost, _local.token, _local.hold, _local.admitted, _local.cap,
+     _local.hourly) = (connection, calls, token, hold, False, cap, hourly)
     try:
         yield
     finally:
         if _local.admitted and connection is not None and token:
             release(connection, token)
         (_local.connection, _local.cost, _local.token, _local.hold, _local.admitted,
-         _local.cap) = previous
+         _local.cap, _local.hourly) = previous
+
+
+def _hourly_refusal(provider: str, operation: str, connection: str, kind: str, wait: float, announce: bool,
+                    used: int, hourly: tuple[int, int]) -> None:
+    budget, slow_from = hourly
+    limit = f"{provider.upper()}_HOURLY_CALL_BUDGET={budget}"
+    if kind == "hourly":
+        err: HourlyLimitNear = HourlyBudgetReached(
+            f"{provider} connection {connection} made {used} calls in the last {hourly_window():g}s, its "
+            f"hourly budget ({limit}): waiting {wait:.0f}s for the window to free", retry_after=wait,
+            operation=operation)
+    else:
+        err = HourlySlowdown(
+            f"{provider} connection {connection} made {used} calls in the last {hourly_window():g}s, above "
+            f"{slow_from} ({provider.upper()}_HOURLY_SLOWDOWN_AT of {limit}): slowing down, next job in "
+            f"{wait:.1f}s", retry_after=wait, operation=operation)
+    err.announce = announce
+    raise err
 
 
 def gate(provider: str, operation: str) -> None:
@@ -315,7 +358,10 @@ def gate(provider: str, operation: str) -> None:
     token = getattr(_local, "token", None)
     cap = getattr(_local, "cap", None)
     cap = max_inflight() if cap is None else cap
-    kind, wait = admit(connection, cost, token, getattr(_local, "hold", 0.0), cap)
+    hourly = getattr(_local, "hourly", (0, 0))
+    kind, wait, announce, used = _admit(connection, cost, token, getattr(_local, "hold", 0.0), cap, hourly)
+    if kind in ("hourly", "slowdown"):
+        _hourly_refusal(provider, operation, connection, kind, wait, announce, used, hourly)
     if kind == "cooldown":
         raise CoolingDown(f"{provider} connection {connection} is cooling down after a 429",
                           retry_after=wait, operation=operation)

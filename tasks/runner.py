@@ -105,10 +105,13 @@ def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
     calls = (2 if job.markdown is not None else 0) + (3 if job.target_status_id is not None else 0)
     _running.job = job
     try:
-        # A PSA's own concurrency limit (Autotask: 3 requests at once) caps its jobs too.
-        cap = ratelimit.inflight_cap(getattr(REGISTRY.get(job.provider or ""), "max_concurrent_requests", None))
+        # A PSA's own concurrency limit (Autotask: 3 requests at once) caps its jobs too, and
+        # its calls per rolling hour (Autotask: 10,000, shared with the tenant's other integrations).
+        vendor = REGISTRY.get(job.provider or "")
+        cap = ratelimit.inflight_cap(getattr(vendor, "max_concurrent_requests", None))
+        hourly = ratelimit.hourly_limits(job.provider or "", getattr(vendor, "hourly_call_limit", None))
         with ratelimit.counting_against(limited, calls=max(calls, 1), token=job.token, hold=store.lease_seconds(),
-                                        cap=cap):
+                                        cap=cap, hourly=hourly):
             return _run_calls(job, policy)
     finally:
         _running.job = None
@@ -252,13 +255,16 @@ def _defer(job: ClaimedJob, err: PsaError, step: str) -> Outcome:
     wait = err.retry_after if err.retry_after is not None else ratelimit.default_cooldown()
     if isinstance(err, ratelimit.InflightCapReached):
         wait = ratelimit.inflight_retry_delay(job.deferrals)  # longer for a job that waited before
-    delay = ratelimit.capped_wait(wait) + random.uniform(0, 0.5)
+    spread = ratelimit.hourly_spread(job.deferrals) if isinstance(err, ratelimit.HourlyLimitNear) else 0.0
+    delay = ratelimit.capped_wait(wait + spread) + random.uniform(0, 0.5)
     store.schedule_retry(job, delay, err, None, step, spend_attempt=False)
     log.info("job %s deferred %.1fs: %s", job.id, delay, err.message, extra={"job_id": job.id, "step": step})
     events.emit("job_retry_scheduled", job_id=job.id, kind=job.kind, provider=job.provider,
                 attempt=job.attempt_no, delay=delay, error_type=type(err).__name__)
-    # A cooldown's length was alerted on by the job whose 429 started it (see _psa_error).
-    if not getattr(err, "cooling_down", False) and delay > ratelimit.long_deferral_after():
+    # A cooldown's length was alerted on by the job whose 429 started it (see _psa_error), an
+    # hourly pause's by the one job Redis named to announce it.
+    announced = getattr(err, "announce", True)
+    if not getattr(err, "cooling_down", False) and announced and delay > ratelimit.long_deferral_after():
         _long_deferral(job, wait, delay, f"our own limiter deferred it: {err.message}")
     return Outcome(job.id, "retry", str(err), delay=delay)
 
