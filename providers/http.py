@@ -64,8 +64,10 @@ def max_response_bytes() -> int:
 
 
 def max_sessions() -> int:
-    """Connections whose keep-alive session a worker process keeps at once."""
-    return max(int(os.environ.get("PSA_HTTP_MAX_SESSIONS", "256")), 1)
+    """Connections whose keep-alive session a worker process keeps at once. 128 is four
+    times the connections a 32-thread worker can be calling at any moment, and keeps a
+    worker's sockets (mostly one idle keep-alive socket per kept session) under 256."""
+    return max(int(os.environ.get("PSA_HTTP_MAX_SESSIONS", "128")), 1)
 
 
 def idle_seconds() -> float:
