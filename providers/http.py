@@ -12,6 +12,7 @@ import json as jsonlib
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,8 @@ from providers.errors import (PsaDeadlineExceeded, PsaError, PsaProtocolError, P
 CallHook = Callable[..., None]
 _observers: list[CallHook] = []
 _gates: list[CallHook] = []
-_sessions: dict[str, requests.Session] = {}
+# key -> (session, monotonic time of its last use), least recently used first.
+_sessions: OrderedDict[str, tuple[requests.Session, float]] = OrderedDict()
 _sessions_lock = threading.Lock()
 
 
@@ -61,11 +63,42 @@ def max_response_bytes() -> int:
     return int(os.environ.get("PSA_MAX_RESPONSE_BYTES", DEFAULT_MAX_RESPONSE_BYTES))
 
 
+def max_sessions() -> int:
+    """Connections whose keep-alive session a worker process keeps at once. 128 is four
+    times the connections a 32-thread worker can be calling at any moment, and keeps a
+    worker's sockets (mostly one idle keep-alive socket per kept session) under 256."""
+    return max(int(os.environ.get("PSA_HTTP_MAX_SESSIONS", "128")), 1)
+
+
+def idle_seconds() -> float:
+    """A session unused this long is closed (its sockets with it)."""
+    return float(os.environ.get("PSA_HTTP_IDLE_SECONDS", "300"))
+
+
+def pool_size() -> int:
+    """Keep-alive sockets one connection's session keeps. One connection never has more
+    calls in flight than its in-flight cap (tasks.ratelimit, a job's calls are sequential),
+    so a pool sized to the worker concurrency would only hold sockets nobody can use."""
+    raw = os.environ.get("PSA_HTTP_POOL_SIZE")
+    if raw:
+        return max(int(raw), 1)
+    cap = int(os.environ.get("PSA_MAX_INFLIGHT_PER_CONNECTION", "8"))
+    concurrency = int(os.environ.get("WORKER_CONCURRENCY", "32"))
+    return max(min(cap, concurrency) if cap > 0 else concurrency, 1)
+
+
 def pooled_session(key_material: str, base_url: str) -> requests.Session:
     """One keep-alive session per PSA connection, shared by the worker's threads.
 
     requests.Session is safe to share for plain calls without cookies; the adapter's pool
-    is sized to the worker concurrency so threads do not open throwaway connections.
+    is sized to what one connection can use (pool_size) so threads do not open throwaway
+    connections.
+
+    Bounded for workers serving thousands of tenants: at most PSA_HTTP_MAX_SESSIONS
+    sessions, least recently used first out, and a session idle for PSA_HTTP_IDLE_SECONDS
+    is closed on the next look-up. A busy tenant's session is used again and again, so it
+    stays, with its keep-alive sockets. Closing a session closes its idle sockets; a call
+    still running on it finishes, and its socket is closed rather than pooled.
 
     The environment is read once, here, not on every request (`trust_env`): requests would
     otherwise re-scan os.environ for proxies and stat ~/.netrc per call (a tenth of a
@@ -73,19 +106,61 @@ def pooled_session(key_material: str, base_url: str) -> requests.Session:
     our Authorization header. HTTP(S)_PROXY / NO_PROXY and REQUESTS_CA_BUNDLE still apply.
     """
     key = hashlib.sha256(key_material.encode()).hexdigest()
+    now = time.monotonic()
+    evicted: list[requests.Session] = []
     with _sessions_lock:
-        session = _sessions.get(key)
+        entry = _sessions.pop(key, None)
+        session = entry[0] if entry is not None else None
+        if entry is not None and now - entry[1] > idle_seconds():
+            evicted.append(entry[0])
+            session = None
         if session is None:
-            size = int(os.environ.get("PSA_HTTP_POOL_SIZE", os.environ.get("WORKER_CONCURRENCY", "32")))
-            session = requests.Session()
-            session.trust_env = False
-            session.proxies = requests.utils.get_environ_proxies(base_url)
-            session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-            adapter = transport.CheckedAdapter(pool_connections=4, pool_maxsize=size, max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            _sessions[key] = session
-        return session
+            session = _new_session(base_url)
+        _sessions[key] = (session, now)  # most recently used: last
+        evicted.extend(_evict(now))
+    for old in evicted:  # outside the lock: closing sockets may take a moment
+        old.close()
+    return session
+
+
+def _evict(now: float) -> list[requests.Session]:
+    """Take out the sessions over the cap and the idle ones (the oldest are first, so the
+    scan stops at the first fresh one). Called with _sessions_lock held."""
+    limit, idle = max_sessions(), idle_seconds()
+    out: list[requests.Session] = []
+    while _sessions:
+        key, (session, used) = next(iter(_sessions.items()))
+        if len(_sessions) <= limit and now - used <= idle:
+            break
+        del _sessions[key]
+        out.append(session)
+    return out
+
+
+def _new_session(base_url: str) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False
+    session.proxies = requests.utils.get_environ_proxies(base_url)
+    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+    # pool_connections: host pools per session; a connection talks to one host (two with a
+    # proxy), so a few suffice.
+    adapter = transport.CheckedAdapter(pool_connections=2, pool_maxsize=pool_size(), max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def session_count() -> int:
+    return len(_sessions)
+
+
+def close_sessions() -> None:
+    """Close every pooled session (tests, worker shutdown)."""
+    with _sessions_lock:
+        sessions = [s for s, _ in _sessions.values()]
+        _sessions.clear()
+    for session in sessions:
+        session.close()
 
 
 def call(session: requests.Session, method: str, url: str, *, provider: str, operation: str,
