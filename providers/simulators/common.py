@@ -3,6 +3,7 @@ checks auth, takes the fault rules of providers.simulators.connectwise (same kno
 `add_fault(...)` API) and applies them around the vendor-specific work."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -97,3 +98,18 @@ class QuietServer(LoopbackServer):
     @property
     def root_url(self) -> str:
         return f"http://{self.server_address[0]}:{self.server_address[1]}"
+
+
+def run_main(server_cls: Callable[..., Any], vendor: str, argv: list[str] | None = None) -> None:
+    """`python -m providers.simulators.<vendor>` for every simulator: serve on loopback until
+    interrupted; stdout's first line is the JSON address, which scripts and the CLI read."""
+    parser = argparse.ArgumentParser(description=f"Run the {vendor} simulator on loopback.")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every call")
+    parser.add_argument("--auto-tickets", action="store_true", help="create unknown tickets on first use")
+    args = parser.parse_args(argv)
+    server = server_cls(port=args.port)
+    server.state.latency = args.latency
+    server.state.auto_create_tickets = args.auto_tickets
+    print(json.dumps({"base_url": server.base_url, "root_url": server.root_url}), flush=True)
+    server.serve_until_interrupted()

@@ -18,7 +18,6 @@ benchmarks run it as a separate process: `python -m providers.simulators.connect
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime as dt
 import json
@@ -405,16 +404,9 @@ class SimulatorServer(LoopbackServer):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the ConnectWise simulator on loopback.")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every call")
-    parser.add_argument("--auto-tickets", action="store_true", help="create unknown tickets on first use")
-    args = parser.parse_args(argv)
-    server = SimulatorServer(port=args.port)
-    server.state.latency = args.latency
-    server.state.auto_create_tickets = args.auto_tickets
-    print(json.dumps({"base_url": server.base_url, "root_url": server.root_url}), flush=True)
-    server.serve_until_interrupted()
+    from providers.simulators.common import run_main
+
+    run_main(SimulatorServer, "ConnectWise", argv)
 
 
 if __name__ == "__main__":

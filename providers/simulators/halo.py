@@ -15,9 +15,7 @@ Run it alone: `python -m providers.simulators.halo` (or `psa-writeback simulator
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import re
 import secrets
 import threading
@@ -245,16 +243,9 @@ class HaloSimulator(QuietServer):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the HaloPSA simulator on loopback.")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every call")
-    parser.add_argument("--auto-tickets", action="store_true", help="create unknown tickets on first use")
-    args = parser.parse_args(argv)
-    server = HaloSimulator(port=args.port)
-    server.state.latency = args.latency
-    server.state.auto_create_tickets = args.auto_tickets
-    print(json.dumps({"base_url": server.base_url, "root_url": server.root_url}), flush=True)
-    server.serve_until_interrupted()
+    from providers.simulators.common import run_main
+
+    run_main(HaloSimulator, "HaloPSA", argv)
 
 
 if __name__ == "__main__":
