@@ -10,7 +10,9 @@ CW does (Basic company+public:private, a clientId header), and injects faults:
   applying), `drop_after_apply` (apply, then close the socket without a reply),
   `slow_after_apply` (apply, then sleep past the client's timeout), `chaos` (a random
   share of calls fail as 5xx/429/drop/slow);
-- `latency`: seconds added to every call (benchmarks);
+- `latency`: seconds added to every call (benchmarks); `path_latency` overrides it for
+  requests whose path starts with a given prefix (one simulator serving many tenants'
+  "hosts" by path, `/t<n>/v4_6_release/...`, can give one of them a slow PSA);
 - `in_flight` / `max_in_flight`: API requests being served now, and the most at once.
 
 Control it in-process (`SimulatorServer.state`) or over HTTP under `/_sim/` (the demo and
@@ -58,6 +60,8 @@ class SimState:
     private_key: str = "fake-private"
     client_id: str = "00000000-0000-0000-0000-00000000c11e"
     latency: float = 0.0
+    # path prefix -> seconds per call instead of `latency` (the longest matching prefix wins)
+    path_latency: dict[str, float] = field(default_factory=dict)
     auto_create_tickets: bool = False  # benchmarks: any ticket id exists, in status 1 on board 1
     boards: dict[int, dict[int, tuple[str, bool]]] = field(default_factory=lambda: {1: dict(DEFAULT_STATUSES)})
     tickets: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -101,6 +105,11 @@ class SimState:
     def status_of(self, ticket_id: int) -> int:
         with self.lock:
             return self.tickets[ticket_id]["status_id"]
+
+    def latency_for(self, path: str) -> float:
+        with self.lock:
+            matches = [prefix for prefix in self.path_latency if path.startswith(prefix)]
+            return self.path_latency[max(matches, key=len)] if matches else self.latency
 
     def take_fault(self, operation: str, ticket_id: int | None) -> FaultRule | None:
         with self.lock:
@@ -163,15 +172,15 @@ class _Handler(BaseHTTPRequestHandler):
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
         try:
-            return self._serve(state, operation, ticket_id, board_id, body, query)
+            return self._serve(state, operation, ticket_id, board_id, body, query, state.latency_for(path))
         finally:
             with state.lock:
                 state.in_flight -= 1
 
     def _serve(self, state: SimState, operation: str, ticket_id: int | None, board_id: int | None, body: Any,
-               query: str) -> None:
-        if state.latency:
-            time.sleep(state.latency)
+               query: str, latency: float = 0.0) -> None:
+        if latency:
+            time.sleep(latency)
         if not self._authorised(state):
             return self._send(401, {"code": "Unauthorized", "message": "Invalid credentials or clientId"})
         rule = state.take_fault(operation, ticket_id)
@@ -307,6 +316,8 @@ class _Handler(BaseHTTPRequestHandler):
             with state.lock:
                 if "latency" in body:
                     state.latency = float(body["latency"])
+                if "path_latency" in body:
+                    state.path_latency = {str(k): float(v) for k, v in (body["path_latency"] or {}).items()}
                 if body.get("clear_faults"):
                     state.faults.clear()
             return self._send(200, {"ok": True})

@@ -187,3 +187,25 @@ def test_list_notes_after_refuses_to_guess_beyond_the_page_cap(cw, sim, monkeypa
         cw.list_notes_after(1, "0")
     assert sim.state.calls["list_notes"] - before == 2
     assert len(cw.list_notes_after(1, str(ids[1]))) == 1999  # under the cap: read in full
+
+
+def test_the_simulator_can_give_one_tenants_path_its_own_latency(sim):
+    # given one simulator serving two tenants' "hosts" by path, and a latency for one path
+    import time
+
+    st = sim.state
+    st.add_ticket(7)
+    root, _, api = sim.base_url.partition("/v4_6_release")
+
+    def timed_get(prefix: str) -> float:
+        creds = Credentials(f"{root}{prefix}/v4_6_release{api}", st.company_id, st.client_id, st.public_key,
+                            st.private_key)
+        t0 = time.monotonic()
+        provider_for("connectwise", creds).get_ticket(7)
+        return time.monotonic() - t0
+
+    st.path_latency = {"/tslow/": 0.4}
+    # then only that tenant's calls wait; the other's (and a prefix that merely starts alike) do not
+    assert timed_get("/tslow") >= 0.4
+    assert timed_get("/tfast") < 0.3
+    assert timed_get("/tslower") < 0.3
