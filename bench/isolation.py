@@ -138,6 +138,21 @@ def a_figures(a_ids: list[int], window_start: dt.datetime, window_end: dt.dateti
         out["attempt_rows"] = db.scalar(select(func.count()).where(A.job_id.in_(a_ids)))
         out["other_deferrals"] = db.scalar(select(func.count()).where(
             A.job_id.in_(a_ids), A.outcome == "deferred", A.error_type != "InflightCapReached"))
+        out["cap_deferrals_in_window"] = db.scalar(select(func.count()).where(
+            A.job_id.in_(a_ids), A.outcome == "deferred", A.started_at.between(window_start, window_end)))
+        ran = db.execute(select(A.started_at, A.finished_at, A.duration_ms, A.psa_ms).where(
+            A.job_id.in_(a_ids), A.outcome != "deferred")).all()
+    # Slots A held on average during the window (every attempt that was not deferred holds
+    # one from about its start): its cap when A progresses at its cap, whatever a job takes.
+    held = sum(max(0.0, (min(f or window_end, window_end) - max(s, window_start)).total_seconds())
+               for s, f, _d, _p in ran)
+    span = (window_end - window_start).total_seconds()
+    out["slots_held_mean"] = held / span
+    out["cap_deferrals_per_s_in_window"] = out["cap_deferrals_in_window"] / span
+    whole = [(d / 1000, (p or 0) / 1000) for _s, f, d, p in ran if f and d is not None]
+    out["job_s_p50"] = T.percentile([d for d, _ in whole], 50)
+    out["job_s_p99"] = T.percentile([d for d, _ in whole], 99)
+    out["job_psa_s_p50"] = T.percentile([p for _, p in whole], 50)
     return out
 
 
@@ -250,7 +265,12 @@ def render(r: dict) -> str:
         f"per 10 s {a['done_per_10s']}",
         f"    A's finished jobs ({a['done']} of {a['jobs']}; the rest still queued behind the cap): enqueue-to-terminal "
         f"p50 {a['p50_s']:.1f} s, p99 {a['p99_s']:.1f} s; states {a['states']}",
-        f"    A's deferrals (InflightCapReached): {a['jobs_deferred']} jobs deferred, {a['cap_deferrals']} claim/defer "
+        f"    A held {a['slots_held_mean']:.2f} of its {r['cap']} slots on average in the window; one job took "
+        f"p50 {a['job_s_p50']:.2f} s (p99 {a['job_s_p99']:.2f} s), of which p50 {a['job_psa_s_p50']:.2f} s waiting on "
+        f"its PSA",
+        f"    A's deferrals (InflightCapReached): {a['cap_deferrals_per_s_in_window']:.1f} claim/defer cycles per "
+        f"second in the window;",
+        f"    in all (to the end of the run): {a['jobs_deferred']} jobs deferred, {a['cap_deferrals']} claim/defer "
         f"cycles ({a['cap_deferrals'] / max(a['done'], 1):.1f} per finished job; {a['attempt_rows']} attempt rows; "
         f"{a['other_deferrals']} other deferrals)",
     ]
