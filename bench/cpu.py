@@ -124,41 +124,31 @@ def main(argv: list[str] | None = None) -> int:
                                        "cpu_ms_per_job": per_job(before, snapshot(ref.proc.pid, sim.pid), args.jobs)}
             finally:
                 ref.stop(timeout=30)
-        worker = stack.worker(harness.WorkerProcess(env, concurrency=celeryconfig.worker_concurrency))
-        started: dict = {}
-
-        def start() -> None:
-            worker.start()
-            started["before"] = snapshot(worker.proc.pid, sim.pid)
-            if args.profile:
-                started["spy"] = _spy(worker.proc.pid, args.profile)
-
-        r2 = T.ours(args.jobs, conns[1001], 1001, 2_000_000, start=start)
-        after = snapshot(worker.proc.pid, sim.pid)
-        _stop_spy(started.get("spy"))
-        report["ours"] = {"jobs_per_s": round(r2["jobs_per_s"], 1), "states": r2["states"],
-                          "cpu_ms_per_job": per_job(started["before"], after, args.jobs)}
-        if "reference" in report:
-            report["ours"]["ratio_to_reference"] = round(r2["jobs_per_s"] / r1["jobs_per_s"], 2)
-        worker.stop(timeout=30)
+        runs = [("ours", lambda start: T.ours(args.jobs, conns[1001], 1001, 2_000_000, start=start), args.profile)]
         if not args.no_by_name:
-            named = stack.worker(harness.WorkerProcess(env, concurrency=celeryconfig.worker_concurrency))
+            runs.append(("ours_by_name", lambda start: by_name(args.jobs, conns[1001], 1001, 3_000_000, start=start),
+                         args.profile and args.profile.with_name(args.profile.name + ".by-name")))
+        for name, run, profile in runs:
+            worker = stack.worker(harness.WorkerProcess(env, concurrency=celeryconfig.worker_concurrency))
             marks: dict = {}
 
-            def start_named() -> None:
-                named.start()
-                marks["before"] = snapshot(named.proc.pid, sim.pid)
-                if args.profile:
-                    marks["spy"] = _spy(named.proc.pid, args.profile.with_name(args.profile.name + ".by-name"))
+            def start(worker: harness.WorkerProcess = worker, marks: dict = marks, profile: Path | None = profile) -> None:
+                worker.start()
+                marks["before"] = snapshot(worker.proc.pid, sim.pid)
+                if profile:
+                    marks["spy"] = _spy(worker.proc.pid, profile)
 
-            r3 = by_name(args.jobs, conns[1001], 1001, 3_000_000, start=start_named)
+            result = run(start)
+            after = snapshot(worker.proc.pid, sim.pid)
             _stop_spy(marks.get("spy"))
-            report["ours_by_name"] = {"jobs_per_s": round(r3["jobs_per_s"], 1), "states": r3["states"],
-                                      "cpu_ms_per_job": per_job(marks["before"], snapshot(named.proc.pid, sim.pid),
-                                                                args.jobs)}
-            worker_ms = report["ours"]["cpu_ms_per_job"]["worker"]
+            worker.stop(timeout=30)
+            report[name] = {"jobs_per_s": round(result["jobs_per_s"], 1), "states": result["states"],
+                            "cpu_ms_per_job": per_job(marks["before"], after, args.jobs)}
+            if "reference" in report:
+                report[name]["ratio_to_reference"] = round(result["jobs_per_s"] / report["reference"]["jobs_per_s"], 2)
+        if "ours_by_name" in report:
             report["ours_by_name"]["worker_cpu_vs_api_path"] = round(
-                report["ours_by_name"]["cpu_ms_per_job"]["worker"] / worker_ms, 2)
+                report["ours_by_name"]["cpu_ms_per_job"]["worker"] / report["ours"]["cpu_ms_per_job"]["worker"], 2)
     print(json.dumps(report, indent=2))
     return 0
 
