@@ -1,8 +1,8 @@
-"""CPU per job, by process: the reference worker against ours, zero simulator latency.
+"""CPU per job, by process: the reference worker against ours (zero simulator latency unless --latency).
 Not part of CI. Throughput on a shared 2-core machine swings by ±10 % between runs; CPU
 seconds per job, read from /proc, move less and say where the time goes.
 
-    .venv/bin/python -m bench.cpu [--jobs 2000] [--no-reference] [--no-by-name] [--profile FILE]
+    .venv/bin/python -m bench.cpu [--jobs 2000] [--no-reference] [--no-by-name] [--latency S] [--profile FILE]
 
 Three workers, one after the other, each on its own messages: the reference; ours on jobs
 written by the enqueue API (`enqueue_resolve`, before the worker starts); ours on messages
@@ -107,10 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2000)
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--no-by-name", action="store_true", help="skip the by-name run")
+    p.add_argument("--latency", type=float, default=0.0,
+                   help="seconds the simulator adds to every call (then also: the ratio to the thread bound, "
+                        "concurrency / (5 calls x latency))")
     p.add_argument("--profile", type=Path, help="py-spy collapsed stacks of our worker to this file")
     args = p.parse_args(argv)
     report: dict[str, dict] = {}
-    with T.bench_stack(0.0, [1001]) as stack:
+    with T.bench_stack(args.latency, [1001]) as stack:
         import celeryconfig
 
         env, sim, base, conns = stack.env, stack.sim, stack.base, stack.conns
@@ -144,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             worker.stop(timeout=30)
             report[name] = {"jobs_per_s": round(result["jobs_per_s"], 1), "states": result["states"],
                             "cpu_ms_per_job": per_job(marks["before"], after, args.jobs)}
+            if args.latency > 0:
+                bound = celeryconfig.worker_concurrency / (5 * args.latency)
+                report[name]["ratio_to_thread_bound"] = round(result["jobs_per_s"] / bound, 2)
             if "reference" in report:
                 report[name]["ratio_to_reference"] = round(result["jobs_per_s"] / report["reference"]["jobs_per_s"], 2)
         if "ours_by_name" in report:
