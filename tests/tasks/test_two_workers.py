@@ -84,12 +84,12 @@ def test_the_in_flight_cap_is_one_for_both_worker_processes_together(broker, db_
     # given tenant A's PSA answering every call after 0.3 s, and two worker processes of 4
     # threads each sharing a cap of 2 jobs in flight per connection: were the cap each
     # process's own, A's PSA would see up to 4 of A's jobs at once
-    cap, count = 2, 12
+    cap, count = 2, 8
     a = World.create(sim, account_id=1)
     sim.state.latency = 0.3
     tickets = [31_000 + n for n in range(count)]
     with two_workers(broker, tmp_path, PSA_MAX_INFLIGHT_PER_CONNECTION=str(cap)) as workers:
-        # when A enqueues 12 resolves at once (8 threads free to take them)
+        # when A enqueues 8 resolves at once (8 threads free to take them)
         ids = [enqueue_resolve(None, a.session(t), f"Tenant A note {t}.") for t in tickets]
         rows = [wait_terminal(i, timeout=90) for i in ids]
     # then A's PSA never had more than 2 of A's calls at once, and had 2
