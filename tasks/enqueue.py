@@ -8,19 +8,17 @@ publishes it: the row, not the message, is the promise.
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import utcnow, AccountSettings, AiSession, JobKind, JobState, NoteVisibility, PsaConnection, WritebackJob
+from models import JobKind, JobState, WritebackJob
 from models.db import after_outer_commit, session_scope
-from providers import REGISTRY
+from tasks import intake
 from tasks import validation as v
-from tasks.errors import ConflictError, NotFoundError, RequestError
-from tasks.retry import RetryPolicy
+from tasks.errors import ConflictError
 
 log = logging.getLogger("psa_writeback.enqueue")
 
@@ -30,8 +28,6 @@ TASK_NAMES = {
     JobKind.POST_NOTE: "writeback.post_note",
     JobKind.TRANSITION_STATUS: "writeback.transition_status",
 }
-_NOTE_OF = {JobKind.RESOLVE: NoteVisibility.RESOLUTION, JobKind.ESCALATE: NoteVisibility.INTERNAL}
-_PREF_SUFFIX = {JobKind.RESOLVE: "resolved_status_id", JobKind.ESCALATE: "escalated_status_id"}
 _PENDING = "psa_writeback_pending_publish"
 
 
@@ -93,112 +89,20 @@ def fair_priority(db: Session, account_id: int) -> int:
     return next((pri for size, pri in FAIR_STEPS if backlog <= size), FLOOD_PRIORITY)
 
 
-def build_job(db: Session, kind: JobKind, *, session_id: Any, markdown: Any = None, visibility: Any = None,
-              status_id: Any = None, idempotency_key: Any = None, psa_connection_id: Any = None,
-              max_attempts: Any = None, account_id: Any = None) -> WritebackJob:
-    """Validate the intent and add the job row (flushed, not committed). Returns an existing
-    job when the same idempotency key was used before, by the same account, with the same
-    intent. `account_id`, when given, is the web tier's guard: the session must be that
-    account's."""
-    session_id = v.positive_int(session_id, "session_id")
-    key = v.idempotency_key(idempotency_key)
-    session = _session(db, session_id, account_id)
-    if key is not None and (existing := _by_key(db, session.account_id, key)):
-        return _same_intent_or_conflict(existing, kind, session_id)
-    job = WritebackJob(kind=kind.value, session_id=session.id, account_id=session.account_id, published_at=utcnow(),
-                       idempotency_key=key or f"{kind.value}:{session.id}:{uuid.uuid4().hex}")
-    job.max_attempts = (min(v.positive_int(max_attempts, "max_attempts"), 50) if max_attempts is not None
-                        else RetryPolicy.from_env().max_attempts)
-    if kind in (JobKind.RESOLVE, JobKind.ESCALATE, JobKind.POST_NOTE):
-        job.markdown = v.markdown(markdown)
-        job.note_visibility = (_NOTE_OF.get(kind) or v.visibility(visibility)).value
-    elif markdown is not None or visibility is not None:
-        raise RequestError("transition_status takes no markdown or visibility")
-    connection = _connection(db, session, psa_connection_id)
-    if kind in (JobKind.RESOLVE, JobKind.ESCALATE):
-        _refuse_if_already_posted(db, session, kind)
-    if connection is None:
-        if kind in (JobKind.POST_NOTE, JobKind.TRANSITION_STATUS):
-            raise RequestError(f"session {session.id} has no PSA linked: there is no ticket to write to",
-                               field="session_id")
-        job.ticket_key = f"session:{session.id}"
-        return _insert(db, job, kind)
-    if session.psa_ticket_id is None:
-        raise RequestError(f"session {session.id} is linked to a PSA but has no ticket id", field="session_id")
-    job.psa_connection_id, job.provider, job.ticket_id = connection.id, connection.provider, session.psa_ticket_id
-    job.ticket_key = f"{connection.id}:{session.psa_ticket_id}"
-    if kind is JobKind.TRANSITION_STATUS:
-        job.target_status_id = v.positive_int(status_id, "status_id")
-    elif status_id is not None:
-        raise RequestError(f"{kind.value} takes its target status from the account's preferences, not status_id",
-                           field="status_id")
-    elif kind in _PREF_SUFFIX:
-        job.target_status_id, job.transition_skipped_reason = target_status(db, session.account_id, connection.provider, kind)
-    return _insert(db, job, kind)
-
-
-def _session(db: Session, session_id: int, account_id: Any) -> AiSession:
-    guard = v.positive_int(account_id, "account_id") if account_id is not None else None
-    session = db.get(AiSession, session_id)
-    if guard is not None and (session is None or session.account_id != guard):
-        # One message whether the session is another tenant's or does not exist at all:
-        # the caller learns nothing about other accounts' ids.
-        raise NotFoundError(f"unknown session {session_id} for account {guard}", field="session_id")
-    if session is None:
-        raise NotFoundError(f"unknown session {session_id}", field="session_id")
-    return session
+def build_job(db: Session, kind: JobKind, **intent: Any) -> WritebackJob:
+    """Validate the intent (tasks.intake.plan) and add the job row (flushed, not committed).
+    Returns the existing job when the same idempotency key was used before, by the same
+    account, with the same intent. `account_id`, when given, is the web tier's guard: the
+    session must be that account's."""
+    planned = intake.plan(db, kind, **intent)
+    if planned.existing is not None:
+        return db.get(WritebackJob, planned.existing)
+    return _insert(db, WritebackJob(**planned.values), kind)
 
 
 def _by_key(db: Session, account_id: int, key: str) -> WritebackJob | None:
-    # Keys are scoped per account: a tenant can neither see nor pre-empt another's keys.
     return db.scalar(select(WritebackJob).where(WritebackJob.account_id == account_id,
                                                 WritebackJob.idempotency_key == key))
-
-
-def target_status(db: Session, account_id: int, provider: str, kind: JobKind) -> tuple[int | None, str | None]:
-    """The account's status for this kind, or (None, why not). Status ids are board-specific:
-    we never guess a default."""
-    pref_key = f"{REGISTRY[provider].preference_prefix}_{_PREF_SUFFIX[kind]}"
-    settings = db.get(AccountSettings, account_id)
-    value = (settings.preferences or {}).get(pref_key) if settings else None
-    if value is None:
-        return None, f"{pref_key} is not set in the account's preferences; the status was left unchanged"
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        log.warning("account %s preference %s is not a positive integer (%r); skipping the status change",
-                    account_id, pref_key, type(value).__name__)
-        return None, f"{pref_key} is set to a value that is not a positive integer ({str(value)[:40]!r}); " \
-                     "treated as unset, the status was left unchanged"
-    return value, None
-
-
-def _connection(db: Session, session: AiSession, override: Any) -> PsaConnection | None:
-    conn_id = v.positive_int(override, "psa_connection_id") if override is not None else session.psa_connection_id
-    if conn_id is None:
-        return None
-    connection = db.get(PsaConnection, conn_id)
-    if connection is None:
-        raise NotFoundError(f"unknown PSA connection {conn_id}", field="psa_connection_id")
-    if connection.account_id != session.account_id:
-        raise RequestError(f"PSA connection {conn_id} belongs to another account than session {session.id}",
-                           field="psa_connection_id")
-    if not connection.is_active:
-        raise RequestError(f"PSA connection {conn_id} is inactive", field="psa_connection_id")
-    if connection.provider not in REGISTRY:
-        raise RequestError(f"PSA connection {conn_id} uses unsupported provider {connection.provider!r}",
-                           field="psa_connection_id")
-    return connection
-
-
-def _refuse_if_already_posted(db: Session, session: AiSession, kind: JobKind) -> None:
-    posted = session.resolution_note_posted_at if kind is JobKind.RESOLVE else session.escalation_package_posted_at
-    what = "resolution" if kind is JobKind.RESOLVE else "escalation package"
-    if posted is not None:
-        raise ConflictError(f"session {session.id}'s {what} was already posted at {posted.isoformat()}")
-    live = db.scalar(select(WritebackJob.id).where(
-        WritebackJob.session_id == session.id, WritebackJob.kind == kind.value,
-        WritebackJob.state.notin_([JobState.FAILED.value, JobState.CANCELLED.value])))
-    if live is not None:
-        raise ConflictError(f"session {session.id} already has a {kind.value} writeback (job {live})")
 
 
 def _insert(db: Session, job: WritebackJob, kind: JobKind) -> WritebackJob:
@@ -208,16 +112,10 @@ def _insert(db: Session, job: WritebackJob, kind: JobKind) -> WritebackJob:
     except IntegrityError:
         existing = _by_key(db, job.account_id, job.idempotency_key)
         if existing is not None:
-            return _same_intent_or_conflict(existing, kind, job.session_id)
+            intake.same_intent_or_conflict(existing.id, existing.kind, existing.session_id, kind, job.session_id)
+            return existing
         raise ConflictError(f"session {job.session_id} already has a live {kind.value} writeback") from None
     return job
-
-
-def _same_intent_or_conflict(existing: WritebackJob, kind: JobKind, session_id: int) -> WritebackJob:
-    if existing.kind != kind.value or existing.session_id != session_id:
-        raise ConflictError(f"idempotency_key was already used for job {existing.id} "
-                            f"({existing.kind} of session {existing.session_id})", field="idempotency_key")
-    return existing
 
 
 # --- publish after commit -----------------------------------------------------------------

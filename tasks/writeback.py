@@ -15,10 +15,11 @@ from celery import Task
 from sqlalchemy import select
 
 from models import JobKind, WritebackJob
-from models.db import describe_error, session_scope
+from models.db import describe_error, session_scope, transaction
 from tasks import runner, store, sweeper
 from tasks import validation as v
-from tasks.enqueue import build_job, publish
+from tasks.enqueue import publish
+from tasks.intake import create_job
 from tasks.errors import DatabaseUnavailable, JobFailed, PoisonMessage, RequestError, VerificationFailed
 from worker.app import app
 
@@ -59,10 +60,8 @@ def _job_from_intent(task: Task, kind: JobKind, intent: dict[str, Any]) -> int:
     payload = dict(v.only_known(intent, allowed, required))
     # A redelivered message must find the job its first delivery created, not make another.
     payload["idempotency_key"] = payload.get("idempotency_key") or f"celery:{task.request.id}"
-    with session_scope() as db:
-        job = build_job(db, kind, **payload)
-        db.flush()
-        return job.id
+    with transaction() as conn:
+        return create_job(conn, kind, **payload)
 
 
 def run_job(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any, intent: dict[str, Any]) -> dict[str, Any]:

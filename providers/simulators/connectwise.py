@@ -13,7 +13,8 @@ CW does (Basic company+public:private, a clientId header), and injects faults:
 - `latency`: seconds added to every call (benchmarks); `path_latency` overrides it for
   requests whose path starts with a given prefix (one simulator serving many tenants'
   "hosts" by path, `/t<n>/v4_6_release/...`, can give one of them a slow PSA);
-- `in_flight` / `max_in_flight`: API requests being served now, and the most at once.
+- `in_flight` / `max_in_flight`: API requests being served now (from the request read to its
+  reply's first byte), and the most at once.
 
 Control it in-process (`SimulatorServer.state`) or over HTTP under `/_sim/` (the demo and
 benchmarks run it as a separate process: `python -m providers.simulators.connectwise`).
@@ -171,9 +172,20 @@ class _Handler(BaseHTTPRequestHandler):
             state.calls[operation] += 1
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        self._counted = True
         try:
             return self._serve(state, operation, ticket_id, board_id, body, query, state.latency_for(path))
         finally:
+            self._leave(state)
+
+    def _leave(self, state: SimState) -> None:
+        """The request stops counting as in flight: before its reply is written (see _send),
+        else at the latest when the handler returns (a dropped reply). Counting until after the
+        write would let a caller that has its reply, and has handed its in-flight slot to the
+        next job, overlap that job's first request here: a measure of the cap must never see
+        more than the callers could have had in flight."""
+        if getattr(self, "_counted", False):
+            self._counted = False
             with state.lock:
                 state.in_flight -= 1
 
@@ -194,6 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
         status, reply = self._apply(operation, ticket_id, board_id, body, query)
         if rule is not None and rule.action == "drop_after_apply":
             self.close_connection = True
+            self._leave(state)
             self.connection.shutdown(2)  # the write happened; the reply never arrives
             return None
         if rule is not None and rule.action == "slow_after_apply":
@@ -220,6 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None, dribble: float = 0.0) -> None:
         data = json.dumps(payload).encode()
+        self._leave(self.server.state)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))

@@ -15,12 +15,15 @@ from providers import http
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a client socket stays open in its pool
+    seen: list[dict] = []  # the request headers, per call
 
     def do_GET(self) -> None:  # noqa: N802
+        _Handler.seen.append(dict(self.headers))
         body = json.dumps({"id": 1}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("Set-Cookie", "planted=by-the-psa; Path=/")  # a hostile PSA's state
         self.end_headers()
         self.wfile.write(body)
 
@@ -125,3 +128,17 @@ def test_busy_connection_keeps_its_session_and_socket(server, monkeypatch):
     pools = list(busy.get_adapter(base).poolmanager.pools._container.values())
     assert [p.num_connections for p in pools] == [1]  # one socket opened for all its calls: keep-alive kept
     assert client_sockets(server) <= 10
+
+
+def test_calls_send_our_headers_and_never_a_cookie_the_psa_set(server):
+    _Handler.seen.clear()
+    assert get(server, 3) == {"id": 1}
+    assert get(server, 3) == {"id": 1}  # same session, same keep-alive socket
+    first, second = _Handler.seen[-2:]
+    for headers in (first, second):
+        assert headers["Authorization"] == "Basic ZmFrZTpmYWtl"  # the provider's own header
+        assert "gzip" in headers["Accept-Encoding"]  # requests' defaults still apply
+        assert headers["User-Agent"].startswith("python-requests/")
+    assert "Cookie" not in second  # the Set-Cookie of the first reply was not stored
+    base = f"http://127.0.0.1:{server}/t3/v4_6_release/apis/3.0"
+    assert len(http.pooled_session(f"cw|{base}|fake-token-3|fake-client", base).cookies) == 0
