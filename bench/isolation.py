@@ -264,8 +264,8 @@ def render(r: dict) -> str:
         f"({a['jobs_per_s_in_window'] / a['cap_rate_jobs_per_s']:.2f} x its cap's {a['cap_rate_jobs_per_s']:.2f}); "
         f"per 10 s {a['done_per_10s']}",
         f"    A's finished jobs ({a['done']} of {a['jobs']}; the rest still queued behind the cap): "
-        f"enqueue-to-terminal p50 {a['p50_s']:.1f} s, p99 {a['p99_s']:.1f} s; states {a['states']}; at the cap's rate the whole backlog "
-        f"takes {a['jobs'] / a['cap_rate_jobs_per_s'] / 60:.0f} min",
+        f"enqueue-to-terminal p50 {a['p50_s']:.1f} s, p99 {a['p99_s']:.1f} s; states {a['states']}; "
+        f"at the cap's rate the whole backlog takes {a['jobs'] / a['cap_rate_jobs_per_s'] / 60:.0f} min",
         f"    A held {a['slots_held_mean']:.2f} of its {r['cap']} slots on average in the window; one job took "
         f"p50 {a['job_s_p50']:.2f} s (p99 {a['job_s_p99']:.2f} s), of which p50 {a['job_psa_s_p50']:.2f} s waiting on "
         f"its PSA",
