@@ -1,6 +1,6 @@
-"""What the Autotask and Halo simulators share with each other: a request handler that
-checks auth, takes the fault rules of providers.simulators.connectwise (same knobs, same
-`add_fault(...)` API) and applies them around the vendor-specific work."""
+"""What the simulators share: a request handler that counts calls, adds latency, checks
+auth and applies the fault rules of providers.simulators.connectwise (same knobs, same
+`add_fault(...)` API) around the vendor-specific work, and the server it runs in."""
 from __future__ import annotations
 
 import argparse
@@ -17,9 +17,15 @@ Reply = tuple[int, Any]
 
 
 class FaultingHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # see providers.simulators.connectwise._Handler
+    protocol_version = "HTTP/1.1"  # keep-alive, like the real thing
+    # Headers and body go out in two writes; with Nagle on, the body waits for the client's
+    # delayed ACK (~40 ms per call), a delay no real PSA adds.
+    disable_nagle_algorithm = True
+    # Count served API requests in state.in_flight / max_in_flight (the tests of the in-flight
+    # cap read ConnectWise's). Off by default: Autotask's state keeps its thread limit there.
+    counts_in_flight = False
     server: Any
+    _counted = False
 
     def log_message(self, *args: Any) -> None:  # quiet
         pass
@@ -46,23 +52,54 @@ class FaultingHandler(BaseHTTPRequestHandler):
         except ValueError:
             return raw.decode("utf-8", "replace")
 
-    def send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+    def send(self, status: int, payload: Any, headers: dict[str, str] | None = None, dribble: float = 0.0) -> None:
         data = json.dumps(payload).encode()
+        self._leave()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if not dribble:
+            self.wfile.write(data)
+            return
+        for i in range(len(data)):  # one byte at a time: no single read ever times out
+            self.wfile.write(data[i:i + 1])
+            self.wfile.flush()
+            time.sleep(dribble)
 
-    def serve(self, operation: str, ticket_id: int | None, *, authorised: Callable[[], Reply | None],
+    def serve(self, operation: str, ticket_id: Any, *, authorised: Callable[[], Reply | None],
               apply: Callable[[], Reply], error_body: Callable[[int], Any]) -> None:
-        """Count the call, add latency, check auth (`authorised` returns a refusal or None),
-        then the fault rules around `apply` (which runs under the state's lock)."""
+        """Count the call (and, if counts_in_flight, the request in flight), add latency, check
+        auth (`authorised` returns a refusal or None), then the fault rules around `apply`
+        (which runs under the state's lock)."""
         state = self.server.state
         with state.lock:
             state.calls[operation] += 1
+            if self.counts_in_flight:
+                state.in_flight += 1
+                state.max_in_flight = max(state.max_in_flight, state.in_flight)
+                self._counted = True
+        try:
+            return self._serve(operation, ticket_id, authorised, apply, error_body)
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        """The request stops counting as in flight: before its reply is written (see send),
+        else at the latest when serve returns (a dropped reply). Counting until after the
+        write would let a caller that has its reply, and has handed its in-flight slot to the
+        next job, overlap that job's first request here: a measure of the cap must never see
+        more than the callers could have had in flight."""
+        if self._counted:
+            self._counted = False
+            with self.server.state.lock:
+                self.server.state.in_flight -= 1
+
+    def _serve(self, operation: str, ticket_id: Any, authorised: Callable[[], Reply | None],
+               apply: Callable[[], Reply], error_body: Callable[[int], Any]) -> None:
+        state = self.server.state
         if state.latency:
             time.sleep(state.latency)
         refusal = authorised()
@@ -71,7 +108,7 @@ class FaultingHandler(BaseHTTPRequestHandler):
         rule = state.take_fault(operation, ticket_id)
         if rule is not None and rule.action == "error":
             if rule.seconds:
-                time.sleep(rule.seconds)
+                time.sleep(rule.seconds)  # a slow failure: keeps the caller busy, then refuses
             return self.send(rule.status, rule.body or error_body(rule.status),
                              {"Retry-After": str(rule.retry_after)} if rule.retry_after is not None else None)
         if rule is not None and rule.action == "delay":
@@ -80,10 +117,13 @@ class FaultingHandler(BaseHTTPRequestHandler):
             status, reply = apply()
         if rule is not None and rule.action == "drop_after_apply":
             self.close_connection = True
+            self._leave()
             self.connection.shutdown(2)  # the write happened; the reply never arrives
             return None
         if rule is not None and rule.action == "slow_after_apply":
             time.sleep(rule.seconds)
+        if rule is not None and rule.action == "dribble_after_apply":
+            return self.send(status, reply, dribble=rule.seconds)  # applied; the reply crawls
         return self.send(status, reply)
 
 
