@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import threading
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from providers.simulators.common import FaultingHandler, QuietServer, Reply
+from providers.simulators.common import FaultingHandler, QuietServer, Reply, run_main
 from providers.simulators.connectwise import SimState
 
 # A tenant's own ids: not ConnectWise's 9/7, and not Autotask's documented defaults either.
@@ -256,7 +255,6 @@ class AutotaskSimulator(QuietServer):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, state: AutotaskState | None = None) -> None:
         super().__init__((host, port), _Handler)
         self.state = state or AutotaskState()
-        self._thread: threading.Thread | None = None
 
     @property
     def zone_lookup_url(self) -> str:
@@ -269,8 +267,6 @@ class AutotaskSimulator(QuietServer):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from providers.simulators.common import run_main
-
     run_main(AutotaskSimulator, "Autotask", argv)
 
 

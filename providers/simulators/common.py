@@ -131,6 +131,7 @@ class QuietServer(LoopbackServer):
     request_queue_size = 256
 
     def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that gave up (read timeout) or a fault that dropped the socket: expected.
         if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
             return
         super().handle_error(request, client_address)

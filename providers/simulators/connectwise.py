@@ -23,15 +23,13 @@ import base64
 import datetime as dt
 import random
 import re
-import sys
 import threading
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from providers.simulators import LoopbackServer
-from providers.simulators.common import FaultingHandler, Reply
+from providers.simulators.common import FaultingHandler, QuietServer, Reply, run_main
 
 DEFAULT_STATUSES = {1: ("New", False), 5: ("In Progress", False), 7: ("Escalated", False),
                     9: ("Resolved", True), 11: ("Closed", True)}
@@ -304,34 +302,19 @@ def _error_body(status: int) -> dict[str, Any]:
     return {"code": "ConnectWiseApi", "message": f"Simulated server error {status}", "errors": None}
 
 
-class SimulatorServer(LoopbackServer):
+class SimulatorServer(QuietServer):
     thread_name = "cw-simulator"
-    request_queue_size = 256
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, state: SimState | None = None) -> None:
         super().__init__((host, port), _Handler)
         self.state = state or SimState()
-        self._thread: threading.Thread | None = None
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that gave up (read timeout) or a fault that dropped the socket: expected.
-        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-            return
-        super().handle_error(request, client_address)
-
-    @property
-    def root_url(self) -> str:
-        return f"http://{self.server_address[0]}:{self.server_address[1]}"
 
     @property
     def base_url(self) -> str:
         return self.root_url + "/v4_6_release/apis/3.0"
 
 
-
 def main(argv: list[str] | None = None) -> None:
-    from providers.simulators.common import run_main
-
     run_main(SimulatorServer, "ConnectWise", argv)
 
 

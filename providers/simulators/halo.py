@@ -18,13 +18,12 @@ from __future__ import annotations
 import datetime as dt
 import re
 import secrets
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from providers.simulators.common import FaultingHandler, QuietServer, Reply
+from providers.simulators.common import FaultingHandler, QuietServer, Reply, run_main
 from providers.simulators.connectwise import SimState
 
 TENANT_STATUSES = {1: ("New", False), 2: ("In Progress", False), 22: ("Escalated to 2nd Line", False),
@@ -235,7 +234,6 @@ class HaloSimulator(QuietServer):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, state: HaloState | None = None) -> None:
         super().__init__((host, port), _Handler)
         self.state = state or HaloState()
-        self._thread: threading.Thread | None = None
 
     @property
     def base_url(self) -> str:
@@ -243,8 +241,6 @@ class HaloSimulator(QuietServer):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from providers.simulators.common import run_main
-
     run_main(HaloSimulator, "HaloPSA", argv)
 
 
