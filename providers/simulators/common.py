@@ -1,10 +1,12 @@
 """What the simulators share: a request handler that counts calls, adds latency, checks
 auth and applies the fault rules of providers.simulators.connectwise (same knobs, same
-`add_fault(...)` API) around the vendor-specific work, and the server it runs in."""
+`add_fault(...)` API) around the vendor-specific work, the `/_sim/` control API, and the
+server it runs in."""
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -31,15 +33,23 @@ class FaultingHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        self.dispatch("GET")
+        self._handle("GET")
 
     def do_POST(self) -> None:
-        self.dispatch("POST")
+        self._handle("POST")
 
     def do_PATCH(self) -> None:
-        self.dispatch("PATCH")
+        self._handle("PATCH")
 
-    def dispatch(self, method: str) -> None:
+    def _handle(self, method: str) -> None:
+        path, _, query = self.path.partition("?")
+        body = self.read_body()
+        if path.startswith("/_sim/"):
+            return self.control(method, path, body)
+        return self.dispatch(method, path, query, body)
+
+    def dispatch(self, method: str, path: str, query: str, body: Any) -> None:
+        """The vendor's API: route the request, answer what needs no auth, `serve` the rest."""
         raise NotImplementedError
 
     def read_body(self) -> Any:
@@ -125,6 +135,30 @@ class FaultingHandler(BaseHTTPRequestHandler):
         if rule is not None and rule.action == "dribble_after_apply":
             return self.send(status, reply, dribble=rule.seconds)  # applied; the reply crawls
         return self.send(status, reply)
+
+    # --- the control API for out-of-process users (the demo, benchmarks) -------------------
+    def control(self, method: str, path: str, body: Any) -> None:
+        st = self.server.state
+        body = body if isinstance(body, dict) else {}
+        if path == "/_sim/tickets" and method == "POST":
+            # board_id is ConnectWise's; the other simulators' states have one board and ignore it
+            st.add_ticket(int(body["id"]), board_id=int(body.get("board_id", 1)),
+                          status_id=int(body.get("status_id", 1)),
+                          reject_status_changes=bool(body.get("reject_status_changes", False)))
+            return self.send(201, {"id": int(body["id"])})
+        if path == "/_sim/faults" and method == "POST":
+            st.add_fault(**body)
+            return self.send(201, {"ok": True})
+        if (m := re.fullmatch(r"/_sim/tickets/(\d+)", path)) and method == "GET":
+            with st.lock:
+                t = st.tickets.get(int(m.group(1)))
+                return self.send(200 if t else 404, dict(t) if t else {"message": "no such ticket"})
+        if path == "/_sim/stats" and method == "GET":
+            with st.lock:
+                peak = {"max_in_flight": st.max_in_flight} if self.counts_in_flight else {}
+                return self.send(200, {"calls": dict(st.calls), **peak,
+                                       "notes": sum(len(t["notes"]) for t in st.tickets.values())})
+        return self.send(404, {"message": f"no control route {method} {path}"})
 
 
 class QuietServer(LoopbackServer):

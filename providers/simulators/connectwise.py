@@ -128,11 +128,7 @@ class _Handler(FaultingHandler):
     counts_in_flight = True
     server: "SimulatorServer"
 
-    def dispatch(self, method: str) -> None:
-        path, _, query = self.path.partition("?")
-        body = self.read_body()
-        if path.startswith("/_sim/"):
-            return self._control(method, path, body)
+    def dispatch(self, method: str, path: str, query: str, body: Any) -> None:
         api = re.sub(r"^.*?/apis/3\.0", "", path)
         route = _route(method, api)
         if route is None:
@@ -215,35 +211,19 @@ class _Handler(FaultingHandler):
         ticket["notes"].append(note)
         return 201, dict(note)
 
-    # --- control API for out-of-process users -------------------------------------------
-    def _control(self, method: str, path: str, body: Any) -> None:
+    def control(self, method: str, path: str, body: Any) -> None:
+        """The shared /_sim/ API, and /_sim/config: benchmarks (bench/throughput.py) change the
+        latency of this simulator, which they run as a separate process, between runs."""
+        if (path, method) != ("/_sim/config", "POST"):
+            return super().control(method, path, body)
         state = self.server.state
         body = body if isinstance(body, dict) else {}
-        if path == "/_sim/tickets" and method == "POST":
-            state.add_ticket(int(body["id"]), board_id=int(body.get("board_id", 1)),
-                             status_id=int(body.get("status_id", 1)),
-                             reject_status_changes=bool(body.get("reject_status_changes", False)))
-            return self.send(201, {"id": int(body["id"])})
-        if path == "/_sim/faults" and method == "POST":
-            state.add_fault(**body)
-            return self.send(201, {"ok": True})
-        if path == "/_sim/config" and method == "POST":
-            with state.lock:
-                if "latency" in body:
-                    state.latency = float(body["latency"])
-                if body.get("clear_faults"):
-                    state.faults.clear()
-            return self.send(200, {"ok": True})
-        m = re.fullmatch(r"/_sim/tickets/(\d+)", path)
-        if m and method == "GET":
-            with state.lock:
-                t = state.tickets.get(int(m.group(1)))
-                return self.send(200 if t else 404, dict(t) if t else {"message": "no such ticket"})
-        if path == "/_sim/stats" and method == "GET":
-            with state.lock:
-                return self.send(200, {"calls": dict(state.calls), "max_in_flight": state.max_in_flight,
-                                       "notes": sum(len(t["notes"]) for t in state.tickets.values())})
-        return self.send(404, {"message": f"no control route {method} {path}"})
+        with state.lock:
+            if "latency" in body:
+                state.latency = float(body["latency"])
+            if body.get("clear_faults"):
+                state.faults.clear()
+        return self.send(200, {"ok": True})
 
 
 def _route(method: str, api: str) -> tuple[str, int | None, int | None] | None:

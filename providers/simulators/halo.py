@@ -69,11 +69,7 @@ def _new_action(ticket: dict[str, Any], fields: dict[str, Any]) -> int:
 class _Handler(FaultingHandler):
     server: "HaloSimulator"
 
-    def dispatch(self, method: str) -> None:
-        path, _, query = self.path.partition("?")
-        body = self.read_body()
-        if path.startswith("/_sim/"):
-            return self._control(method, path, body)
+    def dispatch(self, method: str, path: str, query: str, body: Any) -> None:
         if path == "/api/authinfo" and method == "GET":
             auth_url = self.server.state.auth_url or self.server.root_url + "/auth"
             return self.send(200, {"auth_url": auth_url, "tenant_id": self.server.state.tenant,
@@ -138,25 +134,6 @@ class _Handler(FaultingHandler):
         if operation == "post_note":
             return _post_action(ticket, body)
         return _list_actions(ticket, q)
-
-    def _control(self, method: str, path: str, body: Any) -> None:
-        st = self.server.state
-        body = body if isinstance(body, dict) else {}
-        if path == "/_sim/tickets" and method == "POST":
-            st.add_ticket(int(body["id"]), status_id=int(body.get("status_id", 1)),
-                          reject_status_changes=bool(body.get("reject_status_changes", False)))
-            return self.send(201, {"id": int(body["id"])})
-        if path == "/_sim/faults" and method == "POST":
-            st.add_fault(**body)
-            return self.send(201, {"ok": True})
-        if path == "/_sim/stats" and method == "GET":
-            with st.lock:
-                return self.send(200, {"calls": dict(st.calls), "notes": sum(len(t["notes"]) for t in st.tickets.values())})
-        if (m := re.fullmatch(r"/_sim/tickets/(\d+)", path)) and method == "GET":
-            with st.lock:
-                t = st.tickets.get(int(m.group(1)))
-                return self.send(200 if t else 404, dict(t) if t else {"message": "no such ticket"})
-        return self.send(404, {"message": f"no control route {method} {path}"})
 
 
 def _route(method: str, path: str) -> tuple[str, int | None] | None:
