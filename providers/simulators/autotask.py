@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import threading
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from providers.simulators.common import FaultingHandler, QuietServer, Reply
+from providers.simulators.common import FaultingHandler, QuietServer, Reply, run_main
 from providers.simulators.connectwise import SimState
 
 # A tenant's own ids: not ConnectWise's 9/7, and not Autotask's documented defaults either.
@@ -59,11 +58,7 @@ class AutotaskState(SimState):
 class _Handler(FaultingHandler):
     server: "AutotaskSimulator"
 
-    def dispatch(self, method: str) -> None:
-        path, _, query = self.path.partition("?")
-        body = self.read_body()
-        if path.startswith("/_sim/"):
-            return self._control(method, path, body)
+    def dispatch(self, method: str, path: str, query: str, body: Any) -> None:
         api = re.sub(r"^.*?/V1\.0", "", path)
         if api == "/ZoneInformation" and method == "GET":  # exempt from auth and thread limits
             return self._zone(query)
@@ -122,25 +117,6 @@ class _Handler(FaultingHandler):
         if operation == "update_status":
             return _patch(st, ticket, body)
         return _post_note(st, ticket, body)
-
-    def _control(self, method: str, path: str, body: Any) -> None:
-        st = self.server.state
-        body = body if isinstance(body, dict) else {}
-        if path == "/_sim/tickets" and method == "POST":
-            st.add_ticket(int(body["id"]), status_id=int(body.get("status_id", 1)),
-                          reject_status_changes=bool(body.get("reject_status_changes", False)))
-            return self.send(201, {"id": int(body["id"])})
-        if path == "/_sim/faults" and method == "POST":
-            st.add_fault(**body)
-            return self.send(201, {"ok": True})
-        if path == "/_sim/stats" and method == "GET":
-            with st.lock:
-                return self.send(200, {"calls": dict(st.calls), "notes": sum(len(t["notes"]) for t in st.tickets.values())})
-        if (m := re.fullmatch(r"/_sim/tickets/(\d+)", path)) and method == "GET":
-            with st.lock:
-                t = st.tickets.get(int(m.group(1)))
-                return self.send(200 if t else 404, dict(t) if t else {"message": "no such ticket"})
-        return self.send(404, {"message": f"no control route {method} {path}"})
 
 
 def _route(method: str, api: str) -> tuple[str, int | None] | None:
@@ -256,7 +232,6 @@ class AutotaskSimulator(QuietServer):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, state: AutotaskState | None = None) -> None:
         super().__init__((host, port), _Handler)
         self.state = state or AutotaskState()
-        self._thread: threading.Thread | None = None
 
     @property
     def zone_lookup_url(self) -> str:
@@ -269,8 +244,6 @@ class AutotaskSimulator(QuietServer):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from providers.simulators.common import run_main
-
     run_main(AutotaskSimulator, "Autotask", argv)
 
 

@@ -23,19 +23,15 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import json
 import random
 import re
-import sys
 import threading
-import time
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from providers.simulators import LoopbackServer
+from providers.simulators.common import FaultingHandler, QuietServer, Reply, run_main
 
 DEFAULT_STATUSES = {1: ("New", False), 5: ("In Progress", False), 7: ("Escalated", False),
                     9: ("Resolved", True), 11: ("Closed", True)}
@@ -137,141 +133,54 @@ class SimState:
         return FaultRule(action=pick, seconds=rule.seconds)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, like the real thing
-    # Headers and body go out in two writes; with Nagle on, the body waits for the client's
-    # delayed ACK (~40 ms per call), a delay no real PSA adds.
-    disable_nagle_algorithm = True
+class _Handler(FaultingHandler):
+    counts_in_flight = True
     server: "SimulatorServer"
 
-    def log_message(self, *args: Any) -> None:  # quiet
-        pass
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    # --- plumbing -------------------------------------------------------------------
-    def _dispatch(self, method: str) -> None:
-        path, _, query = self.path.partition("?")
-        body = self._read_body()
-        if path.startswith("/_sim/"):
-            return self._control(method, path, body)
-        state = self.server.state
+    def dispatch(self, method: str, path: str, query: str, body: Any) -> None:
         api = re.sub(r"^.*?/apis/3\.0", "", path)
         route = _route(method, api)
         if route is None:
-            return self._send(404, {"code": "NotFound", "message": f"no route {method} {api}"})
+            return self.send(404, {"code": "NotFound", "message": f"no route {method} {api}"})
         operation, ticket_id, board_id = route
-        with state.lock:
-            state.calls[operation] += 1
-            state.in_flight += 1
-            state.max_in_flight = max(state.max_in_flight, state.in_flight)
-        self._counted = True
-        try:
-            return self._serve(state, operation, ticket_id, board_id, body, query, state.latency_for(path))
-        finally:
-            self._leave(state)
+        return self.serve(operation, ticket_id, authorised=self._authorised,
+                          apply=lambda: self._apply(operation, ticket_id, board_id, body, query), error_body=_error_body)
 
-    def _leave(self, state: SimState) -> None:
-        """The request stops counting as in flight: before its reply is written (see _send),
-        else at the latest when the handler returns (a dropped reply). Counting until after the
-        write would let a caller that has its reply, and has handed its in-flight slot to the
-        next job, overlap that job's first request here: a measure of the cap must never see
-        more than the callers could have had in flight."""
-        if getattr(self, "_counted", False):
-            self._counted = False
-            with state.lock:
-                state.in_flight -= 1
+    def latency(self) -> float:
+        return self.server.state.latency_for(self.path.partition("?")[0])
 
-    def _serve(self, state: SimState, operation: str, ticket_id: int | None, board_id: int | None, body: Any,
-               query: str, latency: float = 0.0) -> None:
-        if latency:
-            time.sleep(latency)
-        if not self._authorised(state):
-            return self._send(401, {"code": "Unauthorized", "message": "Invalid credentials or clientId"})
-        rule = state.take_fault(operation, ticket_id)
-        if rule is not None and rule.action == "error":
-            if rule.seconds:
-                time.sleep(rule.seconds)  # a slow failure: keeps the caller busy, then refuses
-            return self._send(rule.status, rule.body or _error_body(rule.status),
-                              {"Retry-After": str(rule.retry_after)} if rule.retry_after is not None else None)
-        if rule is not None and rule.action == "delay":
-            time.sleep(rule.seconds)
-        status, reply = self._apply(operation, ticket_id, board_id, body, query)
-        if rule is not None and rule.action == "drop_after_apply":
-            self.close_connection = True
-            self._leave(state)
-            self.connection.shutdown(2)  # the write happened; the reply never arrives
-            return None
-        if rule is not None and rule.action == "slow_after_apply":
-            time.sleep(rule.seconds)
-        if rule is not None and rule.action == "dribble_after_apply":
-            return self._send(status, reply, dribble=rule.seconds)  # applied; the reply crawls
-        return self._send(status, reply)
-
-    def _read_body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        if not length:
-            return None
-        raw = self.rfile.read(length)
-        try:
-            return json.loads(raw)
-        except ValueError:
-            return raw.decode("utf-8", "replace")
-
-    def _authorised(self, state: SimState) -> bool:
-        expected = base64.b64encode(f"{state.company_id}+{state.public_key}:{state.private_key}".encode()).decode()
-        return (self.headers.get("Authorization") == f"Basic {expected}"
-                and self.headers.get("clientId") == state.client_id
-                and "application/vnd.connectwise.com+json" in (self.headers.get("Accept") or ""))
-
-    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None, dribble: float = 0.0) -> None:
-        data = json.dumps(payload).encode()
-        self._leave(self.server.state)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if not dribble:
-            self.wfile.write(data)
-            return
-        for i in range(len(data)):  # one byte at a time: no single read ever times out
-            self.wfile.write(data[i:i + 1])
-            self.wfile.flush()
-            time.sleep(dribble)
-
-    # --- the API ----------------------------------------------------------------------
-    def _apply(self, operation: str, ticket_id: int | None, board_id: int | None, body: Any,
-               query: str) -> tuple[int, Any]:
+    def _authorised(self) -> Reply | None:
         state = self.server.state
-        with state.lock:
-            if operation == "list_statuses":
-                statuses = state.boards.get(board_id or -1)
-                if statuses is None:
-                    return 404, {"code": "NotFound", "message": f"Service Board {board_id} not found"}
-                return 200, [{"id": sid, "name": n, "closedStatus": c, "inactive": False,
-                              "board": {"id": board_id}} for sid, (n, c) in statuses.items()]
-            ticket = state.tickets.get(ticket_id or -1)
-            if ticket is None and state.auto_create_tickets and ticket_id:
-                state.add_ticket(ticket_id)
-                ticket = state.tickets[ticket_id]
-            if ticket is None:
-                return 404, {"code": "NotFound", "message": f"Ticket {ticket_id} not found"}
-            if operation == "get_ticket":
-                return 200, _ticket_json(state, ticket)
-            if operation == "update_status":
-                return self._patch(state, ticket, body)
-            if operation == "post_note":
-                return self._post_note(state, ticket, body)
-            return _list_notes(ticket["notes"], query)
+        expected = base64.b64encode(f"{state.company_id}+{state.public_key}:{state.private_key}".encode()).decode()
+        if (self.headers.get("Authorization") == f"Basic {expected}"
+                and self.headers.get("clientId") == state.client_id
+                and "application/vnd.connectwise.com+json" in (self.headers.get("Accept") or "")):
+            return None
+        return 401, {"code": "Unauthorized", "message": "Invalid credentials or clientId"}
+
+    # --- the API (runs under the state's lock) ----------------------------------------------
+    def _apply(self, operation: str, ticket_id: int | None, board_id: int | None, body: Any,
+               query: str) -> Reply:
+        state = self.server.state
+        if operation == "list_statuses":
+            statuses = state.boards.get(board_id or -1)
+            if statuses is None:
+                return 404, {"code": "NotFound", "message": f"Service Board {board_id} not found"}
+            return 200, [{"id": sid, "name": n, "closedStatus": c, "inactive": False,
+                          "board": {"id": board_id}} for sid, (n, c) in statuses.items()]
+        ticket = state.tickets.get(ticket_id or -1)
+        if ticket is None and state.auto_create_tickets and ticket_id:
+            state.add_ticket(ticket_id)
+            ticket = state.tickets[ticket_id]
+        if ticket is None:
+            return 404, {"code": "NotFound", "message": f"Ticket {ticket_id} not found"}
+        if operation == "get_ticket":
+            return 200, _ticket_json(state, ticket)
+        if operation == "update_status":
+            return self._patch(state, ticket, body)
+        if operation == "post_note":
+            return self._post_note(state, ticket, body)
+        return _list_notes(ticket["notes"], query)
 
     def _patch(self, state: SimState, ticket: dict[str, Any], body: Any) -> tuple[int, Any]:
         ops = body if isinstance(body, list) else None
@@ -314,37 +223,21 @@ class _Handler(BaseHTTPRequestHandler):
         ticket["notes"].append(note)
         return 201, dict(note)
 
-    # --- control API for out-of-process users -------------------------------------------
-    def _control(self, method: str, path: str, body: Any) -> None:
+    def control(self, method: str, path: str, body: Any) -> None:
+        """The shared /_sim/ API, and /_sim/config: benchmarks (bench/throughput.py) change the
+        latency of this simulator, which they run as a separate process, between runs."""
+        if (path, method) != ("/_sim/config", "POST"):
+            return super().control(method, path, body)
         state = self.server.state
         body = body if isinstance(body, dict) else {}
-        if path == "/_sim/tickets" and method == "POST":
-            state.add_ticket(int(body["id"]), board_id=int(body.get("board_id", 1)),
-                             status_id=int(body.get("status_id", 1)),
-                             reject_status_changes=bool(body.get("reject_status_changes", False)))
-            return self._send(201, {"id": int(body["id"])})
-        if path == "/_sim/faults" and method == "POST":
-            state.add_fault(**body)
-            return self._send(201, {"ok": True})
-        if path == "/_sim/config" and method == "POST":
-            with state.lock:
-                if "latency" in body:
-                    state.latency = float(body["latency"])
-                if "path_latency" in body:
-                    state.path_latency = {str(k): float(v) for k, v in (body["path_latency"] or {}).items()}
-                if body.get("clear_faults"):
-                    state.faults.clear()
-            return self._send(200, {"ok": True})
-        m = re.fullmatch(r"/_sim/tickets/(\d+)", path)
-        if m and method == "GET":
-            with state.lock:
-                t = state.tickets.get(int(m.group(1)))
-                return self._send(200 if t else 404, dict(t) if t else {"message": "no such ticket"})
-        if path == "/_sim/stats" and method == "GET":
-            with state.lock:
-                return self._send(200, {"calls": dict(state.calls), "max_in_flight": state.max_in_flight,
-                                        "notes": sum(len(t["notes"]) for t in state.tickets.values())})
-        return self._send(404, {"message": f"no control route {method} {path}"})
+        with state.lock:
+            if "latency" in body:
+                state.latency = float(body["latency"])
+            if "path_latency" in body:
+                state.path_latency = {str(k): float(v) for k, v in (body["path_latency"] or {}).items()}
+            if body.get("clear_faults"):
+                state.faults.clear()
+        return self.send(200, {"ok": True})
 
 
 def _route(method: str, api: str) -> tuple[str, int | None, int | None] | None:
@@ -403,34 +296,19 @@ def _error_body(status: int) -> dict[str, Any]:
     return {"code": "ConnectWiseApi", "message": f"Simulated server error {status}", "errors": None}
 
 
-class SimulatorServer(LoopbackServer):
+class SimulatorServer(QuietServer):
     thread_name = "cw-simulator"
-    request_queue_size = 256
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, state: SimState | None = None) -> None:
         super().__init__((host, port), _Handler)
         self.state = state or SimState()
-        self._thread: threading.Thread | None = None
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that gave up (read timeout) or a fault that dropped the socket: expected.
-        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-            return
-        super().handle_error(request, client_address)
-
-    @property
-    def root_url(self) -> str:
-        return f"http://{self.server_address[0]}:{self.server_address[1]}"
 
     @property
     def base_url(self) -> str:
         return self.root_url + "/v4_6_release/apis/3.0"
 
 
-
 def main(argv: list[str] | None = None) -> None:
-    from providers.simulators.common import run_main
-
     run_main(SimulatorServer, "ConnectWise", argv)
 
 

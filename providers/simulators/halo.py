@@ -18,13 +18,12 @@ from __future__ import annotations
 import datetime as dt
 import re
 import secrets
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from providers.simulators.common import FaultingHandler, QuietServer, Reply
+from providers.simulators.common import FaultingHandler, QuietServer, Reply, run_main
 from providers.simulators.connectwise import SimState
 
 TENANT_STATUSES = {1: ("New", False), 2: ("In Progress", False), 22: ("Escalated to 2nd Line", False),
@@ -70,11 +69,7 @@ def _new_action(ticket: dict[str, Any], fields: dict[str, Any]) -> int:
 class _Handler(FaultingHandler):
     server: "HaloSimulator"
 
-    def dispatch(self, method: str) -> None:
-        path, _, query = self.path.partition("?")
-        body = self.read_body()
-        if path.startswith("/_sim/"):
-            return self._control(method, path, body)
+    def dispatch(self, method: str, path: str, query: str, body: Any) -> None:
         if path == "/api/authinfo" and method == "GET":
             auth_url = self.server.state.auth_url or self.server.root_url + "/auth"
             return self.send(200, {"auth_url": auth_url, "tenant_id": self.server.state.tenant,
@@ -139,25 +134,6 @@ class _Handler(FaultingHandler):
         if operation == "post_note":
             return _post_action(ticket, body)
         return _list_actions(ticket, q)
-
-    def _control(self, method: str, path: str, body: Any) -> None:
-        st = self.server.state
-        body = body if isinstance(body, dict) else {}
-        if path == "/_sim/tickets" and method == "POST":
-            st.add_ticket(int(body["id"]), status_id=int(body.get("status_id", 1)),
-                          reject_status_changes=bool(body.get("reject_status_changes", False)))
-            return self.send(201, {"id": int(body["id"])})
-        if path == "/_sim/faults" and method == "POST":
-            st.add_fault(**body)
-            return self.send(201, {"ok": True})
-        if path == "/_sim/stats" and method == "GET":
-            with st.lock:
-                return self.send(200, {"calls": dict(st.calls), "notes": sum(len(t["notes"]) for t in st.tickets.values())})
-        if (m := re.fullmatch(r"/_sim/tickets/(\d+)", path)) and method == "GET":
-            with st.lock:
-                t = st.tickets.get(int(m.group(1)))
-                return self.send(200 if t else 404, dict(t) if t else {"message": "no such ticket"})
-        return self.send(404, {"message": f"no control route {method} {path}"})
 
 
 def _route(method: str, path: str) -> tuple[str, int | None] | None:
@@ -235,7 +211,6 @@ class HaloSimulator(QuietServer):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, state: HaloState | None = None) -> None:
         super().__init__((host, port), _Handler)
         self.state = state or HaloState()
-        self._thread: threading.Thread | None = None
 
     @property
     def base_url(self) -> str:
@@ -243,8 +218,6 @@ class HaloSimulator(QuietServer):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from providers.simulators.common import run_main
-
     run_main(HaloSimulator, "HaloPSA", argv)
 
 
