@@ -10,8 +10,11 @@ import logging
 import random
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from sqlalchemy import Connection
 
 from models import AttemptOutcome, JobState, SessionStatus, utcnow
 from models.crypto import ConfigurationError
@@ -54,12 +57,20 @@ class Outcome:
     next_on_ticket: tuple[int, str] | None = None
 
 
-def execute(job_id: int, task_id: str | None = None, worker: str | None = None,
-            policy: RetryPolicy | None = None, kind: str | None = None) -> Outcome:
+def execute(job_id: int | None, task_id: str | None = None, worker: str | None = None,
+            policy: RetryPolicy | None = None, kind: str | None = None,
+            create: Callable[[Connection], int] | None = None,
+            on_claim: Callable[[int], None] | None = None) -> Outcome:
+    """Claim and run job `job_id`, or the job `create` writes in the claim's transaction (a
+    task sent by name with the intent: store.claim). `on_claim(job id)` once the claim's
+    transaction committed, claimed or refused."""
     token = uuid.uuid4().hex
-    claimed = store.claim(job_id, token, task_id, worker, kind)
+    claimed = store.claim(job_id, token, task_id, worker, kind, create=create)
+    if on_claim is not None:
+        on_claim(claimed.job_id if isinstance(claimed, ClaimRefusal) else claimed.id)
     if isinstance(claimed, ClaimRefusal):
         return _refused(claimed)
+    job_id = claimed.id
     policy = policy or RetryPolicy.from_env()
     # The claim read account, provider and ticket already: the log context takes them from here.
     events.emit("job_claimed", job_id=job_id, account_id=claimed.account_id, provider=claimed.provider,

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,7 +169,7 @@ _CONNECTION_COLUMNS = (_C.id.label("c_id"), _C.base_url.label("c_base_url"), _C.
                        _C.private_key_encrypted.label("c_private"), _C.is_active.label("c_active"))
 
 
-def _claim_sql() -> str:
+def _claim_sql(durable: bool = False) -> str:
     """The PostgreSQL claim as one round trip: relax durability, take the ticket's advisory
     lock, then (a statement of its own, so its snapshot is taken once the lock is held)
     claim the row, open its attempt row, and read its connection. Plain SQL: building the
@@ -176,7 +177,7 @@ def _claim_sql() -> str:
     job_columns = ", ".join(f"j.{c.key}" for c in _JOB_COLUMNS)
     connection_columns = ", ".join(f"c.{c.element.key} AS {c.key}" for c in _CONNECTION_COLUMNS)
     terminal = ", ".join(f"'{s}'" for s in _TERMINAL)
-    return f"""{_RELAXED};
+    return f"""{"" if durable else _RELAXED + ";"}
 SELECT pg_advisory_xact_lock(hashtext(ticket_key)) FROM writeback_jobs WHERE id = %(id)s;
 WITH claimed AS (
   UPDATE writeback_jobs AS j SET state = 'running', claimed_by = %(token)s, attempts = j.attempts + 1,
@@ -202,20 +203,26 @@ _DEFERRALS_SQL = (f"SELECT count(*) FROM writeback_attempts a WHERE a.job_id = {
                   f"AND a.outcome = '{AttemptOutcome.DEFERRED.value}'")
 
 
-_CLAIM_SQL: str | None = None
+_CLAIM_SQL: dict[bool, str] = {}
 
 
 @db_retry
-def claim(job_id: int, token: str, task_id: str | None, worker: str | None,
-          kind: str | None = None) -> ClaimedJob | ClaimRefusal:
-    global _CLAIM_SQL
+def claim(job_id: int | None, token: str, task_id: str | None, worker: str | None,
+          kind: str | None = None, create: Callable[[Connection], int] | None = None) -> ClaimedJob | ClaimRefusal:
+    """Claim job `job_id`; or, with `create`, first write the job (create(connection) returns
+    its id: a task sent by name with the intent) in the claim's own transaction, which then
+    commits durably: until it is on disk the row is the only promise of that writeback (the
+    message is acked when the task ends), so it must not be a relaxed commit (_RELAXED)."""
     now = utcnow()
     lease = now + dt.timedelta(seconds=lease_seconds())
     postgres = _postgres()
     with transaction() if postgres else session_scope() as db:
+        if create is not None:
+            job_id = create(_conn(db))
         if postgres:
-            _CLAIM_SQL = _CLAIM_SQL or _claim_sql()
-            found = _conn(db).exec_driver_sql(_CLAIM_SQL, {
+            durable = create is not None
+            sql = _CLAIM_SQL.get(durable) or _CLAIM_SQL.setdefault(durable, _claim_sql(durable))
+            found = _conn(db).exec_driver_sql(sql, {
                 "id": job_id, "token": token, "lease": lease, "now": now, "kind": kind, "due": now + DUE_TOLERANCE,
                 "task_id": task_id, "worker": worker}).mappings().first()
             row = _Row(found) if found else None
