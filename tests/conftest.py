@@ -29,7 +29,7 @@ def _xdist_controller(config: pytest.Config) -> bool:
     """True in the pytest-xdist process that only hands tests out (`-n N`, N > 0): it runs
     none, so it needs no schema. Each xdist worker is a process of its own and so gets its
     own database and key prefix above; `-n 0` runs everything here, serially."""
-    return not hasattr(config, "workerinput") and getattr(config.option, "dist", "no") != "no"
+    return config.pluginmanager.hasplugin("dsession")  # xdist registers it in the controller only
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
