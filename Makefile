@@ -1,6 +1,6 @@
 # The two commands: `make demo` runs the whole flow; `make test` runs the test suite.
 # Both create ./.venv and install the project (and its test extras) into it first.
-# `make test` runs the suite in TEST_PROCESSES pytest-xdist processes, a test file per process
+# `make test` runs the suite in TEST_PROCESSES (4) pytest-xdist processes, a test file per process
 # at a time (setup.cfg: --dist loadfile); `make test TEST_PROCESSES=0` runs it serially.
 PYTHON ?= python3
 VENV ?= .venv
