@@ -1,8 +1,11 @@
 # The two commands: `make demo` runs the whole flow; `make test` runs the test suite.
 # Both create ./.venv and install the project (and its test extras) into it first.
+# `make test` runs the suite in TEST_PROCESSES (4) pytest-xdist processes, a test file per process
+# at a time (setup.cfg: --dist loadfile); `make test TEST_PROCESSES=0` runs it serially.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+TEST_PROCESSES ?= 4
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: install demo test services clean
@@ -22,7 +25,7 @@ services:
 	bash .ci/services
 
 test: install services
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_PROCESSES)
 
 clean:
 	rm -rf $(VENV) var *.egg-info .pytest_cache

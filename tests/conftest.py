@@ -25,8 +25,16 @@ from models.db import get_engine  # noqa: E402
 from models.migrate import upgrade  # noqa: E402
 
 
+def _xdist_controller(config: pytest.Config) -> bool:
+    """True in the pytest-xdist process that only hands tests out (`-n N`, N > 0): it runs
+    none, so it needs no schema. Each xdist worker is a process of its own and so gets its
+    own database and key prefix above; `-n 0` runs everything here, serially."""
+    return config.pluginmanager.hasplugin("dsession")  # xdist registers it in the controller only
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    upgrade(DATABASE_URL)
+    if not _xdist_controller(session.config):
+        upgrade(DATABASE_URL)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

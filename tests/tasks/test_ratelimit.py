@@ -221,10 +221,15 @@ def test_a_429_storm_on_one_tenant_neither_delays_another_nor_spends_attempts(db
     for t in a_tickets:
         sim.state.add_fault(action="error", status=429, retry_after=3, ticket_id=t, times=-1)
     b_session = b.session(8200)
-    # when A's jobs run into the storm, and B enqueues one resolve
-    a_jobs = [enqueue_resolve(None, sid, f"Tenant A {sid}.") for sid in a_sessions]
-    wait_for(lambda: sim.state.calls["list_notes"] >= 1, timeout=10, message="A's first call")
+    # when A's first job runs into the storm (its 429 starts the connection's cooldown), A's
+    # other jobs come while the cooldown lasts, and B enqueues one resolve. (All six at once
+    # let a busy machine's worker take them in one batch, every one past the gate before the
+    # first 429 came back: then none met the cooldown, and nothing here tested it.)
+    cooldown = ratelimit.connection_key(a.connection_id, sim.base_url)
+    a_jobs = [enqueue_resolve(None, a_sessions[0], f"Tenant A {a_sessions[0]}.")]
+    wait_for(lambda: ratelimit.cooldown_left(cooldown) > 0, timeout=10, message="A's first 429 and its cooldown")
     first_429 = time.monotonic()
+    a_jobs += [enqueue_resolve(None, sid, f"Tenant A {sid}.") for sid in a_sessions[1:]]
     b_job = wait_terminal(enqueue_resolve(None, b_session, "Tenant B's one resolve."), timeout=10)
     # then B is done at once, verified
     assert b_job.state == "succeeded" and b_job.result["outcome"] == "verified"
