@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 import time
@@ -232,10 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         worker.stop(timeout=90)
         stack.workers.remove(worker)
     text = render(report)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n\n" + json.dumps(report, indent=2, default=str) + "\n")
+    T.emit(text, report, args.out)
     return 0
 
 

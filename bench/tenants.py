@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 import threading
@@ -186,10 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in report["sizes"]:
         r["jobs_per_s_vs_first"] = r["jobs_per_s"] / base if base else float("nan")
     text = render(report)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n\n" + json.dumps(report, indent=2, default=str) + "\n")
+    T.emit(text, report, args.out)
     return 0
 
 

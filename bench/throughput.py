@@ -464,11 +464,16 @@ def main(argv: list[str] | None = None) -> int:
         report["7_backlog"] = backlog(args.backlog_finished, args.backlog_due)
     Path(f"/tmp/pswb-bench-report-{os.getpid()}.json").write_text(json.dumps(report, default=str))
     text = render(report)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n\n" + json.dumps(report, indent=2, default=str) + "\n")
+    emit(text, report, args.out)
     return 0
+
+
+def emit(text: str, report: dict, out: Path | None) -> None:
+    """Print a bench's report; with --out, also write it there, its JSON below."""
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n\n" + json.dumps(report, indent=2, default=str) + "\n")
 
 
 def render(r: dict) -> str:

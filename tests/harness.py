@@ -298,6 +298,19 @@ class TaskEvents:
 
 
 @contextlib.contextmanager
+def private_broker():
+    """A redis-server of the caller's own, which this process publishes to meanwhile (the
+    broker and rate limiter of workers started against it): the suite's shared worker, with
+    the default limits, never takes those jobs, nor they the suite's."""
+    server = RedisServer().start()
+    try:
+        with publishing_to(server.url):
+            yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
 def publishing_to(broker_url: str):
     """Point this process's Celery app (what the enqueue API publishes with) at another
     broker for the duration, e.g. a private RedisServer that a test stops and restarts.

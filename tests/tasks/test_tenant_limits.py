@@ -27,14 +27,9 @@ from tests.harness import wait_for
 
 @pytest.fixture()
 def private_broker(db_clean):
-    """A redis-server of the test's own (broker and rate limiter): the suite's shared worker,
-    which runs with the default limits, never takes these jobs."""
-    server = harness.RedisServer().start()
-    try:
-        with harness.publishing_to(server.url):
-            yield server
-    finally:
-        server.stop()
+    """The test's own redis-server (harness.private_broker)."""
+    with harness.private_broker() as server:
+        yield server
 
 
 def start_workers(broker: harness.RedisServer, tmp: Path, count: int, **env: str) -> list[harness.WorkerProcess]:

@@ -33,14 +33,9 @@ THREADS = 4  # per worker process
 
 @pytest.fixture(scope="module")
 def broker():
-    """A redis-server of the module's own (broker and rate limiter): the suite's worker, with
-    the default limits, never takes these jobs, and the pairs here never take the suite's."""
-    server = harness.RedisServer().start()
-    try:
-        with harness.publishing_to(server.url):
-            yield server
-    finally:
-        server.stop()
+    """The module's own redis-server (harness.private_broker), shared by its tests."""
+    with harness.private_broker() as server:
+        yield server
 
 
 @pytest.fixture()
