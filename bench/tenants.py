@@ -68,24 +68,8 @@ def proc_figures(pid: int, sim_port: int) -> dict:
     """RSS now and peak (MB), open fds, sockets, TCP sockets to the simulator (established)."""
     status = {line.split(":")[0]: line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
               if line.startswith(("VmRSS:", "VmHWM:", "Threads:"))}
-    inodes = set()
-    fds = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        fds += 1
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    to_sim = 0
-    for table in ("tcp", "tcp6"):
-        with open(f"/proc/{pid}/net/{table}") as rows:
-            next(rows)
-            for line in rows:
-                f = line.split()
-                if int(f[2].rsplit(":", 1)[1], 16) == sim_port and f[3] == "01" and f[9] in inodes:
-                    to_sim += 1
+    fds, inodes = harness.socket_inodes(pid)
+    to_sim = harness.established_to(sim_port, pid)
     return {"rss_mb": int(status["VmRSS"]) / 1024, "rss_peak_mb": int(status["VmHWM"]) / 1024,
             "threads": int(status["Threads"]), "fds": fds, "sockets": len(inodes), "psa_sockets": to_sim}
 

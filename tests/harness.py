@@ -297,6 +297,35 @@ class TaskEvents:
         self._thread.join(5)
 
 
+def socket_inodes(pid: int | str = "self") -> tuple[int, set[str]]:
+    """(open file descriptors, the inodes of those that are sockets) of a process."""
+    inodes: set[str] = set()
+    fds = os.listdir(f"/proc/{pid}/fd")
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return len(fds), inodes
+
+
+def established_to(port: int, pid: int | str = "self") -> int:
+    """A process's ESTABLISHED TCP sockets (IPv4 and IPv6) whose remote end is `port`: the
+    client ends of its connections to a server on that port."""
+    _, inodes = socket_inodes(pid)
+    count = 0
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as rows:
+            next(rows)
+            for line in rows:
+                f = line.split()
+                if int(f[2].rsplit(":", 1)[1], 16) == port and f[3] == "01" and f[9] in inodes:  # 01: ESTABLISHED
+                    count += 1
+    return count
+
+
 @contextlib.contextmanager
 def private_broker():
     """A redis-server of the caller's own, which this process publishes to meanwhile (the

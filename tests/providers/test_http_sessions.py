@@ -4,13 +4,13 @@ keep-alive socket. A real keep-alive HTTP server on loopback; sockets counted fr
 from __future__ import annotations
 
 import json
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from providers import http
+from tests import harness
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -46,25 +46,8 @@ def server(monkeypatch):
 
 
 def client_sockets(port: int) -> int:
-    """Open TCP sockets of this process connected to `port` (the client ends: the server's
-    ends have it as their local port)."""
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    with open("/proc/self/net/tcp") as table:
-        next(table)
-        for line in table:
-            fields = line.split()
-            remote_port, state, inode = int(fields[2].split(":")[1], 16), fields[3], fields[9]
-            if remote_port == port and state == "01" and inode in inodes:  # 01: ESTABLISHED
-                count += 1
-    return count
+    """Open TCP sockets of this process connected to `port` (the client ends)."""
+    return harness.established_to(port)
 
 
 def get(port: int, tenant: int) -> dict:
