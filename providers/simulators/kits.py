@@ -42,6 +42,15 @@ class Kit:
             kw = dict(company_id=st.tenant, client_id=st.client_id, public_key="", private_key=st.client_secret)
         return {"provider": self.provider, "base_url": server.base_url, **kw, **override}
 
+    def make_provider(self, server: Any, options: dict[str, Any] | None = None, **override: str) -> Any:
+        """This PSA's provider on the simulator's credentials, as the worker builds it after
+        decrypting a connection (no database)."""
+        from providers import provider_for
+        from providers.base import Credentials
+
+        kw = self.connection(server, **override)
+        return provider_for(kw.pop("provider"), Credentials(**kw), options)
+
     def wrong_keys(self) -> dict[str, str]:
         return {"private_key": "revoked-fake-key"}
 

@@ -11,6 +11,7 @@ from providers import Credentials, provider_for
 from providers import errors as E
 from providers.picklists import PICKLISTS
 from providers.simulators.autotask import AutotaskSimulator
+from providers.simulators.kits import KITS
 
 
 @pytest.fixture()
@@ -23,13 +24,7 @@ def atsim():
 
 
 def _provider(sim, options=None, **overrides):
-    st = sim.state
-    creds = dict(base_url=sim.base_url, company_id="", client_id=st.integration_code, public_key=st.username,
-                 private_key=st.secret)
-    creds.update(overrides)
-    from providers.autotask import AutotaskProvider
-
-    return AutotaskProvider(Credentials(**creds), options)
+    return KITS["autotask"].make_provider(sim, options, **overrides)
 
 
 def test_notes_use_the_tenants_publish_and_note_type_ids_found_by_label(atsim, monkeypatch):

@@ -9,12 +9,11 @@ import threading
 import pytest
 
 from models.enums import NoteVisibility
-from providers import Credentials
 from providers import errors as E
-from providers.halo import HaloProvider
 from providers.halo_tokens import TOKENS
 from providers.picklists import PICKLISTS
 from providers.simulators.halo import HaloSimulator
+from providers.simulators.kits import KITS
 from tests.security.recorder import recorder  # noqa: F401  (fixture)
 
 
@@ -29,11 +28,7 @@ def halosim():
 
 
 def _provider(sim, options=None, **overrides):
-    st = sim.state
-    creds = dict(base_url=sim.base_url, company_id=st.tenant, client_id=st.client_id, public_key="",
-                 private_key=st.client_secret)
-    creds.update(overrides)
-    return HaloProvider(Credentials(**creds), options)
+    return KITS["halo"].make_provider(sim, options, **overrides)
 
 
 def test_one_token_serves_every_thread_and_every_provider_instance_of_the_connection(halosim):
