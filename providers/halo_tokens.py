@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from providers.lru import LRU
 
 MAX_ENTRIES = 512
 MARGIN_SECONDS = 60.0  # renew this long before expiry (or at 90% of a short lifetime)
@@ -68,24 +69,14 @@ class TokenSource:
 
 class TokenCache:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._lock = threading.Lock()
-        self._max = max_entries
+        self._entries: LRU[_Entry] = LRU(max_entries)
 
     def source(self, key_material: str, fetch: Fetch) -> TokenSource:
         key = hashlib.sha256(key_material.encode()).hexdigest()
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                entry = self._entries[key] = _Entry()
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._max:
-                self._entries.popitem(last=False)
-        return TokenSource(entry, fetch)
+        return TokenSource(self._entries.setdefault(key, _Entry), fetch)
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

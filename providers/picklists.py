@@ -8,13 +8,11 @@ threads; a miss is loaded outside the lock (two threads may both load once; harm
 from __future__ import annotations
 
 import os
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from providers.errors import PsaBadRequest
+from providers.lru import LRU
 
 MAX_ENTRIES = 512
 
@@ -40,36 +38,20 @@ class Picklist:
 
 class PicklistCache:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self._entries: OrderedDict[str, tuple[float, dict[str, Picklist]]] = OrderedDict()
-        self._lock = threading.Lock()
-        self._max = max_entries
+        self._entries: LRU[dict[str, Picklist]] = LRU(
+            max_entries, ttl=lambda: float(os.environ.get("PSA_PICKLIST_TTL_SECONDS", "600")))
 
     def get(self, key: str, load: Callable[[], dict[str, Picklist]], field: str) -> Picklist:
-        lists = self._fresh(key)
+        lists = self._entries.get(key)
         if lists is None:
-            lists = load()
-            with self._lock:
-                self._entries[key] = (time.monotonic(), lists)
-                self._entries.move_to_end(key)
-                while len(self._entries) > self._max:
-                    self._entries.popitem(last=False)
+            lists = self._entries.put(key, load())  # loaded outside the lock
         try:
             return lists[field]
         except KeyError:
             raise PsaBadRequest(f"the tenant's field information has no {field!r} picklist") from None
 
-    def _fresh(self, key: str) -> dict[str, Picklist] | None:
-        ttl = float(os.environ.get("PSA_PICKLIST_TTL_SECONDS", "600"))
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or time.monotonic() - entry[0] > ttl:
-                return None
-            self._entries.move_to_end(key)
-            return entry[1]
-
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
