@@ -29,7 +29,8 @@ from providers.base import BoardStatus, Credentials, PostedNote, Ticket
 from providers.errors import PsaProtocolError
 from providers.http import call, pooled_session
 from providers.picklists import PICKLISTS, Picklist
-from providers.values import parse_iso, to_int
+from providers.text import STATUS_NAME_LIMIT, clean_line, clean_text
+from providers.values import parse_iso, to_int, vendor_id
 
 NOTE_PAGE_SIZE = 500  # Autotask's MaxRecords ceiling
 NOTE_PAGES_MAX = 20
@@ -114,7 +115,7 @@ class AutotaskProvider:
             raise E.PsaNotFound(f"ticket {ticket_id} not found", operation="get_ticket")
         status = to_int(item.get("status"))
         label = self._status_label(status)
-        return Ticket(id=int(item["id"]), status_id=status, status_name=label, board_id=TENANT_BOARD,
+        return Ticket(id=vendor_id(item["id"], "ticket reply", "get_ticket"), status_id=status, status_name=label, board_id=TENANT_BOARD,
                       closed=_closed(label) if label is not None else None)
 
     def _status_label(self, status: int | None) -> str | None:
@@ -135,9 +136,7 @@ class AutotaskProvider:
         body = {"ticketID": ticket_id, "title": TITLES[visibility], "description": text,
                 "noteType": self._note_type(), "publish": publish}
         reply = self._call("POST", f"/Tickets/{ticket_id}/Notes", "post_note", json=body)
-        item_id = reply.get("itemId") if isinstance(reply, dict) else None
-        if item_id is None:
-            raise PsaProtocolError("note reply had no itemId", operation="post_note")
+        item_id = vendor_id(reply.get("itemId") if isinstance(reply, dict) else None, "note reply", "post_note")
         return PostedNote(id=str(item_id), text=text, visibility=visibility)
 
     def list_recent_notes(self, ticket_id: int, limit: int = 50) -> list[PostedNote]:
@@ -194,15 +193,14 @@ def lookup_zone(username: str, lookup_url: str = ZONE_LOOKUP_URL) -> tuple[str, 
     return url.rstrip("/") + "/V1.0", str(body.get("zoneName") or "")
 
 
-def map_error(status: int, body: Any) -> E.PsaError | None:
+def map_error(status: int, body: Any, operation: str | None = None) -> E.PsaError | None:
     """Autotask answers a business-rule refusal with HTTP 500 and {"errors": [...]}: the
-    same request will fail the same way, so it is permanent. A bare 500 stays transient."""
-    if status != 500 or not isinstance(body, dict):
+    same request will fail the same way, so it is permanent. A bare 500 stays transient.
+    The message is read (cleaned, cut) as every vendor message is (errors._vendor_message)."""
+    if status != 500 or not isinstance(body, dict) or not body.get("errors"):
         return None
-    messages = [str(m) for m in body.get("errors") or [] if isinstance(m, (str, int, float)) and str(m).strip()]
-    if not messages:
-        return None
-    return E.PsaBusinessRuleError("; ".join(messages)[:E.BODY_EXCERPT_LIMIT], status_code=status)
+    message, code, _ = E._vendor_message(body)
+    return E.PsaBusinessRuleError(message, status_code=status, vendor_code=code) if message else None
 
 
 E.register_mapping("autotask", map_error)
@@ -220,14 +218,15 @@ def _picklists(body: Any, entity: str) -> dict[str, Picklist]:
         for v in f.get("picklistValues") or []:
             value = to_int(v.get("value")) if isinstance(v, dict) else None
             if value is not None:
-                values[value] = (str(v.get("label") or ""), bool(v.get("isActive", True)))
+                values[value] = (clean_line(v.get("label") or "", STATUS_NAME_LIMIT), bool(v.get("isActive", True)))
         out[str(f.get("name"))] = Picklist(f"{entity}.{f.get('name')}", values)
     return out
 
 
 def _note(item: Any, internal_publish: int) -> PostedNote:
-    if not isinstance(item, dict) or item.get("id") is None:
-        raise PsaProtocolError("note had no id", operation="list_notes")
+    if not isinstance(item, dict):
+        raise PsaProtocolError("note was not an object", operation="list_notes")
+    note_id = vendor_id(item.get("id"), "note", "list_notes")
     if to_int(item.get("publish")) == internal_publish:
         vis = NoteVisibility.INTERNAL
     elif item.get("title") == TITLES[NoteVisibility.DISCUSSION]:
@@ -235,7 +234,7 @@ def _note(item: Any, internal_publish: int) -> PostedNote:
     else:
         vis = NoteVisibility.RESOLUTION
     created = item.get("createDateTime")
-    return PostedNote(id=str(item["id"]), text=str(item.get("description") or ""), visibility=vis,
+    return PostedNote(id=str(note_id), text=clean_text(item.get("description") or ""), visibility=vis,
                       created_at=parse_iso(created) if isinstance(created, str) else None)
 
 

@@ -22,7 +22,7 @@ from models.enums import NoteVisibility
 from providers.base import BoardStatus, Credentials, PostedNote, Ticket
 from providers.errors import PsaProtocolError
 from providers.http import call, pooled_session
-from providers.text import clean_line, clean_optional, clean_text
+from providers.text import NOTE_ID_LIMIT, STATUS_NAME_LIMIT, clean_line, clean_optional, clean_text
 from providers.values import parse_iso, to_int
 
 API_VERSION = os.environ.get("CW_API_VERSION", "2025.16")
@@ -31,8 +31,6 @@ NOTE_PAGE_SIZE = 1000  # CW's maximum pageSize
 NOTE_PAGES_MAX = 20
 # Vendor strings are cleaned of control characters and clamped here, at the boundary
 # (providers.text): a status name goes to logs, alerts and terminals, and into String(200).
-STATUS_NAME_LIMIT = 200
-NOTE_ID_LIMIT = 64
 
 _FLAGS = {
     NoteVisibility.RESOLUTION: {"detailDescriptionFlag": False, "internalAnalysisFlag": False, "resolutionFlag": True},

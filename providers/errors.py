@@ -127,13 +127,13 @@ def _retry_after(headers: Any) -> float | None:
         return None  # HTTP-date form: fall back to our own backoff
 
 
-ErrorMapping = Callable[[int, Any], "PsaError | None"]
+ErrorMapping = Callable[[int, Any, "str | None"], "PsaError | None"]
 _MAPPINGS: dict[str, ErrorMapping] = {}
 
 
 def register_mapping(provider: str, mapping: ErrorMapping) -> None:
     """A provider's own reading of its error replies, consulted before the shared one
-    (mapping(status, body) -> a PsaError, or None to fall through)."""
+    (mapping(status, body, operation) -> a PsaError, or None to fall through)."""
     _MAPPINGS[provider] = mapping
 
 
@@ -141,7 +141,7 @@ def from_response(status: int, body: Any, headers: Any = None, *, operation: str
                   provider: str | None = None) -> PsaError:
     """Map an error reply (status, parsed JSON or text, headers) to a typed error."""
     mapping = _MAPPINGS.get(provider or "")
-    special = mapping(status, body) if mapping is not None else None
+    special = mapping(status, body, operation) if mapping is not None else None
     if special is not None:
         special.operation = special.operation or operation
         return special

@@ -17,6 +17,7 @@ Vendor quirks that shaped this module (see shared/reference/psa-apis.md §3):
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,7 +29,8 @@ from providers.errors import PsaProtocolError
 from providers.halo_tokens import TOKENS, TokenSource
 from providers.http import call, pooled_session
 from providers.picklists import PICKLISTS, Picklist
-from providers.values import to_int
+from providers.text import STATUS_NAME_LIMIT, clean_line, clean_text
+from providers.values import to_int, vendor_id
 
 ACTION_PAGE_SIZE = 100
 ACTION_PAGES_MAX = 50
@@ -86,7 +88,7 @@ class HaloProvider:
         try:
             body = call(self._session, "POST", token_url, provider=self.name, operation="token",
                         headers={"Accept": "application/json"}, data=form, params=params)
-        except (E.PsaBadRequest, E.PsaAuthError, E.PsaPermissionDenied, E.PsaNotFound) as err:
+        except (E.PsaBadRequest, E.PsaAuthError, E.PsaPermissionDenied) as err:
             # OAuth servers say "invalid_client" with a 400 or a 401: both mean the keys.
             raise E.PsaAuthError(f"the token endpoint refused the client credentials: {err.message}",
                                  status_code=err.status_code, operation="token") from None
@@ -97,7 +99,8 @@ class HaloProvider:
             lifetime = float(body.get("expires_in") or 3600)
         except (TypeError, ValueError):
             lifetime = 3600.0
-        return token, lifetime
+        # the server's number: a negative, NaN or absurd one must not mean a token per call
+        return token, min(max(lifetime, 1.0), 86_400.0) if math.isfinite(lifetime) else 3600.0
 
     def _call(self, method: str, path: str, operation: str, **kwargs: Any) -> Any:
         token = self._tokens.get()
@@ -132,9 +135,8 @@ class HaloProvider:
                   "sendemail": (not internal) and self._options.get("halo_send_email") is True}
         body = self._call("POST", "/api/Actions", "post_note", json=[action])
         reply = body[0] if isinstance(body, list) and body else body
-        if not isinstance(reply, dict) or reply.get("id") is None:
-            raise PsaProtocolError("action reply had no id", operation="post_note")
-        return PostedNote(id=str(reply["id"]), text=text, visibility=visibility)
+        action_id = vendor_id(reply.get("id") if isinstance(reply, dict) else None, "action reply", "post_note")
+        return PostedNote(id=str(action_id), text=text, visibility=visibility)
 
     def list_recent_notes(self, ticket_id: int, limit: int = 50) -> list[PostedNote]:
         notes = self._all_actions(ticket_id)
@@ -161,7 +163,7 @@ class HaloProvider:
             rows = body.get("statuses", body.get("records")) if isinstance(body, dict) else body
             if not isinstance(rows, list):
                 raise PsaProtocolError("statuses reply was not a list", operation="list_statuses")
-            values = {int(s["id"]): (str(s.get("name") or ""), not s.get("inactive", False))
+            values = {int(s["id"]): (clean_line(s.get("name") or "", STATUS_NAME_LIMIT), not s.get("inactive", False))
                       for s in rows if isinstance(s, dict) and to_int(s.get("id")) is not None}
             return {"status": Picklist("Status", values)}
         return PICKLISTS.get(self._cache_key + "|Status", load, "status")
@@ -170,7 +172,8 @@ class HaloProvider:
         if not isinstance(body, dict) or to_int(body.get("id")) is None:
             raise PsaProtocolError("ticket reply had no id", operation="get_ticket")
         status = to_int(body.get("status_id"))
-        name = body.get("status_name")
+        raw = body.get("status_name")
+        name = clean_line(raw, STATUS_NAME_LIMIT) if isinstance(raw, str) else None
         if not name and status is not None:
             try:
                 name = self._statuses().label(status)
@@ -201,14 +204,17 @@ class HaloProvider:
                                operation="list_notes")
 
 
-def map_error(status: int, body: Any) -> E.PsaError | None:
-    """OAuth replies ({"error": "invalid_client", "error_description": ...}, 400 or 401)
-    say the keys or the tenant are wrong: an auth failure, with the server's reason."""
-    if status not in (400, 401) or not isinstance(body, dict) or not isinstance(body.get("error"), str):
+def map_error(status: int, body: Any, operation: str | None = None) -> E.PsaError | None:
+    """The token endpoint's OAuth replies ({"error": "invalid_client", "error_description":
+    ...}, 400 or 401) say the keys or the tenant are wrong: an auth failure, with the
+    server's reason. Only for the token call: an API 400 is the request's fault, and must
+    not renew the token, send a note again or page about the keys."""
+    if (operation != "token" or status not in (400, 401) or not isinstance(body, dict)
+            or not isinstance(body.get("error"), str)):
         return None
     reason = body["error"] + (f" ({body['error_description']})" if isinstance(body.get("error_description"), str)
                               else "")
-    return E.PsaAuthError(reason[:E.BODY_EXCERPT_LIMIT], status_code=status)
+    return E.PsaAuthError(clean_line(reason, E.BODY_EXCERPT_LIMIT), status_code=status)
 
 
 E.register_mapping("halo", map_error)
@@ -223,7 +229,7 @@ def _note(row: Any, discussion_outcome: str) -> PostedNote:
         vis = NoteVisibility.DISCUSSION
     else:
         vis = NoteVisibility.RESOLUTION
-    return PostedNote(id=str(to_int(row["id"])), text=str(row.get("note") or ""), visibility=vis)
+    return PostedNote(id=str(to_int(row["id"])), text=clean_text(row.get("note") or ""), visibility=vis)
 
 
 def _closed(name: str) -> bool:

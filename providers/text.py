@@ -10,6 +10,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+# Column widths of what providers return (models.limits clamps again before any write).
+STATUS_NAME_LIMIT = 200
+NOTE_ID_LIMIT = 64
+
 # C0 and C1 controls (DEL included); tab, newline and carriage return are text in a note.
 _CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 # In a one-line value every line break (including U+2028/2029) becomes one space.

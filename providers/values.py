@@ -11,8 +11,19 @@ def to_int(value: Any) -> int | None:
     # bool is an int in Python: a vendor's `true` is not id 1.
     try:
         return int(value) if value is not None and not isinstance(value, bool) else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON 1e400 is inf
         return None
+
+
+def vendor_id(value: Any, what: str, operation: str) -> int:
+    """An integer id in a PSA's reply (Autotask, Halo), or PsaProtocolError: a malformed id
+    is the PSA's fault, never our configuration's."""
+    from providers.errors import PsaProtocolError
+
+    found = to_int(value)
+    if found is None:
+        raise PsaProtocolError(f"{what} had no integer id", operation=operation)
+    return found
 
 
 def parse_iso(value: Any) -> dt.datetime | None:

@@ -155,3 +155,15 @@ def test_the_accounts_picklist_overrides_reach_the_worker(db_clean, atsim, worke
     assert j.state == "succeeded", j.error_message
     [note] = atsim.state.notes(77)
     assert note["publish"] == 4 and atsim.state.status_of(77) == 13
+
+
+def test_vendor_strings_are_cleaned_and_malformed_ids_are_protocol_errors():
+    from providers import autotask
+    from providers.values import vendor_id
+
+    err = autotask.map_error(500, {"errors": ["Line one\nforged: line\x1b[2J", 7]})
+    assert isinstance(err, E.PsaBusinessRuleError) and "\n" not in err.message and "\x1b" not in err.message
+    assert autotask.map_error(500, {"errors": []}) is None  # a bare 500 stays transient
+    for bad in ("abc", 1.5e400, True, None):
+        with pytest.raises(E.PsaProtocolError):
+            vendor_id(bad, "note reply", "post_note")

@@ -169,3 +169,12 @@ def test_the_accounts_email_choice_reaches_the_worker(db_clean, halosim, worker)
     assert j.state == "succeeded", j.error_message
     [action] = halosim.state.notes(77)
     assert (action["sendemail"], action["hiddenfromuser"]) == (True, False)
+
+
+def test_an_oauth_shaped_400_is_an_auth_error_only_from_the_token_endpoint():
+    from providers import halo
+
+    body = {"error": "invalid_request", "error_description": "bad\nfield\x1b[31m"}
+    assert halo.map_error(400, body, "post_note") is None  # an API 400: the request's fault, no renewal
+    err = halo.map_error(400, body, "token")
+    assert isinstance(err, E.PsaAuthError) and err.message == "invalid_request (bad field[31m)"
