@@ -86,15 +86,10 @@ def create_session(db: Session, *, account_id: Any, psa_connection_id: Any = Non
     return session
 
 
-def provider_options(account_id: int, provider: str | None) -> dict[str, Any]:
-    """The account's preferences that tune its provider (the provider's `option_keys`),
-    read in one short transaction; none (and no query) for providers without any."""
+def options_from(preferences: dict[str, Any] | None, provider: str | None) -> dict[str, Any]:
+    """The account preferences that tune its provider (the provider's `option_keys`: tenant
+    picklist overrides, email on notes...); none for providers without any. The claim reads
+    the preferences with the job, so a job pays no query of its own for them."""
     keys = getattr(REGISTRY.get(provider or ""), "option_keys", ())
-    if not keys:
-        return {}
-    from models.db import session_scope
-
-    with session_scope() as db:
-        account = db.get(AccountSettings, account_id)
-        prefs = dict(account.preferences or {}) if account is not None else {}
+    prefs = preferences or {}
     return {k: prefs[k] for k in keys if k in prefs}

@@ -43,7 +43,7 @@ def check_connection(connection_id: int, ticket_id: int | None = None, board_id:
                               "ticket": None, "statuses": [], "targets": []}
     if creds is None:
         return {**report, "cause": "keys_unreadable", "message": setup_error}
-    provider = provider_for(provider_name, creds, admin.provider_options(account_id, provider_name))
+    provider = provider_for(provider_name, creds, admin.options_from(prefs, provider_name))
     try:
         if ticket_id is not None:
             t = provider.get_ticket(ticket_id)

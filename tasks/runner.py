@@ -22,7 +22,7 @@ from models.db import describe_error, is_db_error
 from providers import REGISTRY, provider_for
 from providers.errors import PsaAuthError, PsaError, PsaRateLimited
 from providers.http import add_gate, add_observer
-from tasks import admin, events, ratelimit, steps, store
+from tasks import events, ratelimit, steps, store
 from tasks.errors import LeaseLost, WorkerLost
 from tasks.retry import RetryPolicy
 from tasks.store import ClaimedJob, ClaimRefusal
@@ -131,8 +131,7 @@ def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
 def _run_calls(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
     step = "note"
     try:
-        provider = provider_for(job.provider or "", job.credentials,
-                                admin.provider_options(job.account_id, job.provider))
+        provider = provider_for(job.provider or "", job.credentials, job.options)
         note = None
         if job.markdown is not None:
             note = steps.post_note_once(

@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, aliased
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
-from models import (AiSession, AttemptOutcome, JobState, NoteState, PsaConnection, WritebackAttempt,
+from models import (AccountSettings, AiSession, AttemptOutcome, JobState, NoteState, PsaConnection, WritebackAttempt,
                     WritebackJob, utcnow)
 from models import crypto
 from models.crypto import ConfigurationError
@@ -32,6 +32,7 @@ from models.limits import clamp
 from models.notify import JOB_CHANNEL, notify
 from providers.base import Credentials
 from providers.http import call_deadline, timeouts
+from tasks import admin
 from tasks.errors import LeaseLost
 
 log = logging.getLogger("psa_writeback.store")
@@ -98,6 +99,7 @@ class ClaimedJob:
     ticket_key: str | None = None
     started_at: dt.datetime | None = None  # the attempt row's start (None: read it back)
     note_watermark_id: str | None = None  # see WritebackJob.note_watermark_id
+    options: dict[str, Any] = field(default_factory=dict)  # admin.options_from, read by the claim
     # Earlier executions our own limiter deferred (attempt outcome "deferred"), read by the
     # claim: they spent no attempt, and must not count in the backoff either.
     deferrals: int = 0
@@ -193,8 +195,9 @@ WITH claimed AS (
   INSERT INTO writeback_attempts (job_id, attempt_no, celery_task_id, worker, started_at, outcome)
   SELECT id, attempts, %(task_id)s, %(worker)s, %(now)s, 'running' FROM claimed
 )
-SELECT j.*, {connection_columns}, ({_DEFERRALS_SQL.format(job="j.id")}) AS deferrals
-FROM claimed j LEFT JOIN psa_connections c ON c.id = j.psa_connection_id"""
+SELECT j.*, {connection_columns}, s.preferences, ({_DEFERRALS_SQL.format(job="j.id")}) AS deferrals
+FROM claimed j LEFT JOIN psa_connections c ON c.id = j.psa_connection_id
+LEFT JOIN account_settings s ON s.account_id = j.account_id"""
 
 
 # Deferred executions of a job (a few rows on the job_id index), read in the claim's own
@@ -277,8 +280,10 @@ def _load(db: DB, job_id: int) -> Any:
     A = WritebackAttempt
     deferrals = (select(func.count()).where(A.job_id == _J.id, A.outcome == AttemptOutcome.DEFERRED.value)
                  .scalar_subquery().label("deferrals"))
-    return db.execute(select(*_JOB_COLUMNS, *_CONNECTION_COLUMNS, deferrals)
-                      .outerjoin(_C, _C.id == _J.psa_connection_id).where(_J.id == job_id)).first()
+    return db.execute(select(*_JOB_COLUMNS, *_CONNECTION_COLUMNS, AccountSettings.preferences, deferrals)
+                      .outerjoin(_C, _C.id == _J.psa_connection_id)
+                      .outerjoin(AccountSettings, AccountSettings.account_id == _J.account_id)
+                      .where(_J.id == job_id)).first()
 
 
 # Decrypted keys, per connection, base URL and ciphertext (a re-keyed or rotated connection
@@ -340,7 +345,8 @@ def _snapshot(row: Any, token: str, started_at: dt.datetime | None = None) -> Cl
                      note_external_id=row.note_external_id, target_status_id=row.target_status_id,
                      transition_skipped_reason=row.transition_skipped_reason, credentials=creds,
                      setup_error=setup_error, ticket_key=row.ticket_key, started_at=started_at,
-                     deferrals=row.deferrals or 0)
+                     deferrals=row.deferrals or 0,
+                     options=admin.options_from(row.preferences, row.provider))
     job.scratch["lease_renewed"] = time.monotonic()
     return job
 
