@@ -42,8 +42,11 @@ CLOSED_NAMES = {"closed", "resolved", "completed", "complete", "cancelled"}
 
 
 def _same_origin(url: str, base: str) -> bool:
-    a, b = urlsplit(url), urlsplit(base)
-    return (a.scheme.lower(), a.hostname, a.port) == (b.scheme.lower(), b.hostname, b.port)
+    def origin(u: str) -> tuple[str, str | None, int | None]:
+        parts = urlsplit(u)
+        scheme = parts.scheme.lower()
+        return scheme, parts.hostname, parts.port or {"https": 443, "http": 80}.get(scheme)
+    return origin(url) == origin(base)
 
 
 class HaloProvider:

@@ -20,6 +20,7 @@ from typing import Any
 
 from providers import REGISTRY
 from tasks.errors import RequestError
+from worker.safetext import one_line
 
 
 def add_parsers(sub: Any) -> None:
@@ -138,18 +139,21 @@ def cmd_check_connection(args: argparse.Namespace) -> int:
 
 
 def render(r: dict[str, Any]) -> str:
-    head = f"connection {r['connection_id']} ({r['provider']}, {r['base_url']})"
+    """The report for a terminal. Status names, URLs and the PSA's message are the tenant's:
+    each is shown on one line with control characters escaped (worker.safetext)."""
+    head = f"connection {r['connection_id']} ({r['provider']}, {one_line(r['base_url'])})"
     if not r["active"]:
         head += " [inactive]"
     if not r["ok"]:
-        return f"{head}: FAILED ({r['cause']}): {r['message']}"
+        return f"{head}: FAILED ({r['cause']}): {one_line(r['message'])}"
     lines = [f"{head}: OK, the keys work"]
     if r["ticket"]:
         t = r["ticket"]
-        lines.append(f"ticket {t['id']}: status {t['status_id']} ({t['status_name']})")
+        lines.append(f"ticket {t['id']}: status {t['status_id']} ({one_line(t['status_name'])})")
     lines.append("statuses (id, name, closed):")
-    lines += [f"  {s['id']:>6}  {s['name']}{'  [closed]' if s['closed'] else ''}"
+    lines += [f"  {s['id']:>6}  {one_line(s['name'])}{'  [closed]' if s['closed'] else ''}"
               f"{'  [inactive]' if s['inactive'] else ''}" for s in r["statuses"]]
     for t in r["targets"]:
-        lines.append(f"{t['key']} = {t['value']}: " + (f"exists ({t['name']})" if t["reason"] is None else t["reason"]))
+        lines.append(f"{t['key']} = {one_line(t['value'])}: "
+                     + (f"exists ({one_line(t['name'])})" if t["reason"] is None else one_line(t["reason"])))
     return "\n".join(lines)
