@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import random
 import threading
@@ -134,7 +135,7 @@ def inflight_cap(vendor_limit: int | None = None) -> int:
 
 def hourly_window() -> float:
     """The rolling window of an hourly call limit (shorter only in tests)."""
-    return float(os.environ.get("PSA_HOURLY_WINDOW_SECONDS", "3600"))
+    return max(_number("PSA_HOURLY_WINDOW_SECONDS", 3600), 1.0)
 
 
 def hourly_limits(provider: str, vendor_limit: int | None = None) -> tuple[int, int]:
@@ -156,10 +157,13 @@ def _number(name: str, default: float) -> float:
     default used: a typo in the worker's environment must not fail every tenant's jobs."""
     raw = os.environ.get(name)
     try:
-        return default if raw is None or raw.strip() == "" else float(raw)
+        value = default if raw is None or raw.strip() == "" else float(raw)
     except ValueError:
+        value = math.nan
+    if not math.isfinite(value):  # "nan" and "inf" parse, and would break every job's limits
         log.error("setting %s=%r is not a number; using %g", name, raw, default)
         return default
+    return value
 
 
 def hourly_spread(deferrals: int = 0) -> float:

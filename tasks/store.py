@@ -7,6 +7,7 @@ writes change nothing and we stop (LeaseLost) instead of overwriting its progres
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
 import os
@@ -171,6 +172,7 @@ _CONNECTION_COLUMNS = (_C.id.label("c_id"), _C.base_url.label("c_base_url"), _C.
                        _C.private_key_encrypted.label("c_private"), _C.is_active.label("c_active"))
 
 
+@functools.cache
 def _claim_sql(durable: bool = False) -> str:
     """The PostgreSQL claim as one round trip: relax durability, take the ticket's advisory
     lock, then (a statement of its own, so its snapshot is taken once the lock is held)
@@ -206,7 +208,6 @@ _DEFERRALS_SQL = (f"SELECT count(*) FROM writeback_attempts a WHERE a.job_id = {
                   f"AND a.outcome = '{AttemptOutcome.DEFERRED.value}'")
 
 
-_CLAIM_SQL: dict[bool, str] = {}
 
 
 @db_retry
@@ -216,16 +217,15 @@ def claim(job_id: int | None, token: str, task_id: str | None, worker: str | Non
     its id: a task sent by name with the intent) in the claim's own transaction, which then
     commits durably: until it is on disk the row is the only promise of that writeback (the
     message is acked when the task ends), so it must not be a relaxed commit (_RELAXED)."""
-    now = utcnow()
-    lease = now + dt.timedelta(seconds=lease_seconds())
     postgres = _postgres()
     with transaction() if postgres else session_scope() as db:
         if create is not None:
             job_id = create(_conn(db))
+        # after create(): the new row's next_attempt_at is its insert time, which must be due
+        now = utcnow()
+        lease = now + dt.timedelta(seconds=lease_seconds())
         if postgres:
-            durable = create is not None
-            sql = _CLAIM_SQL.get(durable) or _CLAIM_SQL.setdefault(durable, _claim_sql(durable))
-            found = _conn(db).exec_driver_sql(sql, {
+            found = _conn(db).exec_driver_sql(_claim_sql(durable=create is not None), {
                 "id": job_id, "token": token, "lease": lease, "now": now, "kind": kind, "due": now + DUE_TOLERANCE,
                 "task_id": task_id, "worker": worker}).mappings().first()
             row = _Row(found) if found else None

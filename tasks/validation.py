@@ -87,11 +87,19 @@ def only_known(payload: Any, allowed: set[str], required: set[str]) -> dict[str,
         raise RequestError(f"arguments must be a JSON object, got {_describe(payload)}")
     unknown = sorted(set(payload) - allowed)
     if unknown:
-        raise RequestError(f"unknown argument(s): {', '.join(unknown)}; expected {', '.join(sorted(allowed))}")
+        raise RequestError(f"unknown argument(s): {names(unknown)}; expected {', '.join(sorted(allowed))}")
     missing = sorted(required - set(payload))
     if missing:
         raise RequestError(f"missing required argument(s): {', '.join(missing)}", field=missing[0])
     return payload
+
+
+def names(keys: Any, most: int = 10) -> str:
+    """Argument names a sender chose, for an error message (the task's result, Flower, the
+    log): at most `most`, each cut, so a name cannot carry a note or a megabyte into them."""
+    shown = [(k if len(k) <= 40 else k[:39] + "…") for k in (str(k) for k in list(keys)[:most])]
+    more = len(keys) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def _describe(value: Any) -> str:

@@ -127,7 +127,7 @@ def _job_id(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any,
         return None, _job_from_intent(task, kind, intent)
     account_id = intent.pop("account_id", None)
     if intent:
-        raise RequestError(f"pass either job_id or the intent, not both (got {', '.join(sorted(intent))})")
+        raise RequestError(f"pass either job_id or the intent, not both (got {v.names(sorted(intent))})")
     job_id = v.positive_int(job_id, "job_id")
     if account_id is not None:
         _check_job_account(job_id, v.positive_int(account_id, "account_id"))

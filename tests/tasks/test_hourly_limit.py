@@ -223,3 +223,12 @@ def test_an_autotask_connection_at_its_budget_is_deferred_then_finishes_when_the
     # and a pause longer than LONG_DEFERRAL_ALERT_SECONDS (1 s here) raised the usual alert
     said = [a for a in alerts("long_deferral") if "HOURLY" in (a.message or "")]
     assert said and all("our own limiter deferred it" in a.message for a in said)
+
+
+def test_nan_and_inf_settings_are_refused_like_typos(monkeypatch, caplog):
+    # "nan" and "inf" parse as floats: unchecked, int(min(nan, ...)) would fail every Autotask job
+    monkeypatch.setenv("AUTOTASK_HOURLY_CALL_BUDGET", "nan")
+    monkeypatch.setenv("PSA_HOURLY_WINDOW_SECONDS", "inf")
+    assert ratelimit.hourly_limits("autotask", 10_000) == (9000, 7200)
+    assert ratelimit.hourly_window() == 3600
+    assert "AUTOTASK_HOURLY_CALL_BUDGET='nan' is not a number" in caplog.text
