@@ -11,14 +11,12 @@ import logging
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import JobKind, JobState, WritebackJob
 from models.db import after_outer_commit, session_scope
 from tasks import intake
 from tasks import validation as v
-from tasks.errors import ConflictError
 
 log = logging.getLogger("psa_writeback.enqueue")
 
@@ -90,32 +88,13 @@ def fair_priority(db: Session, account_id: int) -> int:
 
 
 def build_job(db: Session, kind: JobKind, **intent: Any) -> WritebackJob:
-    """Validate the intent (tasks.intake.plan) and add the job row (flushed, not committed).
-    Returns the existing job when the same idempotency key was used before, by the same
-    account, with the same intent. `account_id`, when given, is the web tier's guard: the
-    session must be that account's."""
-    planned = intake.plan(db, kind, **intent)
-    if planned.existing is not None:
-        return db.get(WritebackJob, planned.existing)
-    return _insert(db, WritebackJob(**planned.values), kind)
-
-
-def _by_key(db: Session, account_id: int, key: str) -> WritebackJob | None:
-    return db.scalar(select(WritebackJob).where(WritebackJob.account_id == account_id,
-                                                WritebackJob.idempotency_key == key))
-
-
-def _insert(db: Session, job: WritebackJob, kind: JobKind) -> WritebackJob:
-    try:
-        with db.begin_nested():  # a race on the unique indexes rolls back this row only
-            db.add(job)
-    except IntegrityError:
-        existing = _by_key(db, job.account_id, job.idempotency_key)
-        if existing is not None:
-            intake.same_intent_or_conflict(existing.id, existing.kind, existing.session_id, kind, job.session_id)
-            return existing
-        raise ConflictError(f"session {job.session_id} already has a live {kind.value} writeback") from None
-    return job
+    """Validate the intent and write the job row in `db`'s transaction (not committed):
+    tasks.intake.create_job, the same checks and insert as a task sent by name. Returns the
+    existing job when the same idempotency key was used before, by the same account, with the
+    same intent. `account_id`, when given, is the web tier's guard: the session must be that
+    account's."""
+    db.flush()  # the caller's pending rows (a session just added) are facts the checks read
+    return db.get(WritebackJob, intake.create_job(db.connection(), kind, **intent))
 
 
 # --- publish after commit -----------------------------------------------------------------

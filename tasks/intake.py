@@ -1,12 +1,12 @@
-"""A job row from an intent: the checks shared by the enqueue API and the tasks called by
-name with the intent, on facts read in one round trip.
+"""A job row from an intent: the checks and the insert shared by the enqueue API
+(tasks.enqueue.build_job, in the caller's transaction) and the tasks called by name with
+the intent (inside the claim's transaction, store.claim).
 
 `plan()` reads the session, its PSA connection, the account's preferences, the job already
 holding the idempotency key and the session's live job of the same kind in one SELECT, then
-runs every check in a fixed order (the first problem found is the one reported). The
-enqueue API (tasks.enqueue.build_job) adds the planned row to the caller's ORM session;
-the by-name tasks insert it with one statement (`create_job`): there the worker writes the
-row itself, and an ORM look-up per fact plus the unit of work cost a third of the job's CPU.
+runs every check in a fixed order (the first problem found is the one reported);
+`create_job` inserts the planned row with one statement. An ORM look-up per fact plus the
+unit of work cost a third of a by-name job's CPU.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Integer, String, and_, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import aliased
 
 from models import AccountSettings, AiSession, JobKind, JobState, NoteVisibility, PsaConnection, WritebackJob, utcnow
 from providers import REGISTRY
@@ -58,7 +58,7 @@ class Plan:
     existing: int | None = None  # the job that already holds this idempotency key, same intent
 
 
-def plan(db: Session | Connection, kind: JobKind, *, session_id: Any, markdown: Any = None, visibility: Any = None,
+def plan(db: Connection, kind: JobKind, *, session_id: Any, markdown: Any = None, visibility: Any = None,
          status_id: Any = None, idempotency_key: Any = None, psa_connection_id: Any = None,
          max_attempts: Any = None, account_id: Any = None) -> Plan:
     """Validate the intent against the database; raise RequestError (NotFoundError,
