@@ -8,10 +8,11 @@ here, and the cache is bounded for workers serving many tenants.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from providers.lru import LRU
@@ -42,17 +43,33 @@ class TokenSource:
         token = e.token
         if token is not None and time.monotonic() < e.expires_at:
             return token
-        with e.lock:
+        with self._locked():
             if e.token is not None and time.monotonic() < e.expires_at:
                 return e.token  # another thread fetched it while we waited
             return self._refresh()
 
     def renew(self, old: str) -> str:
         """After a 401 with `old`: fetch a new token unless another thread already did."""
-        with self._entry.lock:
+        with self._locked():
             if self._entry.token is not None and self._entry.token != old:
                 return self._entry.token
             return self._refresh()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The entry's lock, waited for at most as long as its holder's fetch may take (two
+        calls: authinfo, then the token): a tenant whose auth server stalls holds its other
+        threads no longer than a call of its own would."""
+        from providers.http import call_deadline
+        from providers.errors import PsaTransientError
+
+        if not self._entry.lock.acquire(timeout=2 * call_deadline()):
+            raise PsaTransientError("another thread's token request to this PSA did not finish in time",
+                                    operation="token")
+        try:
+            yield
+        finally:
+            self._entry.lock.release()
 
     def _refresh(self) -> str:
         e = self._entry
@@ -61,10 +78,6 @@ class TokenSource:
         margin = min(MARGIN_SECONDS, lifetime * 0.1)
         e.token, e.expires_at, e.fetched = token, time.monotonic() + max(lifetime - margin, 0.0), e.fetched + 1
         return token
-
-    @property
-    def fetched(self) -> int:
-        return self._entry.fetched
 
 
 class TokenCache:
