@@ -20,14 +20,13 @@ class UnknownProviderError(ValueError):
 
 def provider_for(name: str, credentials: Credentials, options: Mapping[str, Any] | None = None) -> Provider:
     """`options`: the account's preferences named in the provider's `option_keys` (tenant
-    picklist overrides, email on notes...); providers without option_keys take none."""
+    picklist overrides, email on notes...: tasks.admin.options_from); every provider takes
+    the argument, one without option_keys ignores it."""
     try:
         cls = REGISTRY[name]
     except KeyError:
         raise UnknownProviderError(f"unknown PSA provider {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
-    if getattr(cls, "option_keys", None):
-        return cls(credentials, options)
-    return cls(credentials)
+    return cls(credentials, options)
 
 
 __all__ = ["BoardStatus", "Credentials", "PostedNote", "Provider", "PsaError", "REGISTRY", "Ticket",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from models.enums import NoteVisibility
@@ -44,7 +45,8 @@ class ConnectWiseProvider:
     # account_settings.preferences keys: cw_resolved_status_id, cw_escalated_status_id
     preference_prefix = "cw"
 
-    def __init__(self, credentials: Credentials) -> None:
+    def __init__(self, credentials: Credentials, options: Mapping[str, Any] | None = None) -> None:
+        # no option_keys: ConnectWise takes its settings from the connection and the ticket
         self._base = credentials.base_url.rstrip("/")
         token = f"{credentials.company_id}+{credentials.public_key}:{credentials.private_key}"
         self._headers = {
