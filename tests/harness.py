@@ -311,19 +311,16 @@ def socket_inodes(pid: int | str = "self") -> tuple[int, set[str]]:
     return len(fds), inodes
 
 
-def established_to(port: int, pid: int | str = "self") -> int:
-    """A process's ESTABLISHED TCP sockets (IPv4 and IPv6) whose remote end is `port`: the
-    client ends of its connections to a server on that port."""
+def established_to(port: int, pid: int | str = "self", host: str = "127.0.0.1") -> int:
+    """A process's ESTABLISHED TCP sockets whose remote end is `host`:`port` (an IPv4
+    address): the client ends of its connections to that server, and nothing else's, however
+    its ports happen to collide with other servers' (IPv6 ones included)."""
     _, inodes = socket_inodes(pid)
-    count = 0
-    for table in ("tcp", "tcp6"):
-        with open(f"/proc/{pid}/net/{table}") as rows:
-            next(rows)
-            for line in rows:
-                f = line.split()
-                if int(f[2].rsplit(":", 1)[1], 16) == port and f[3] == "01" and f[9] in inodes:  # 01: ESTABLISHED
-                    count += 1
-    return count
+    remote = f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"  # /proc's little-endian hex
+    with open(f"/proc/{pid}/net/tcp") as rows:
+        next(rows)
+        return sum(1 for line in rows
+                   if (f := line.split())[2] == remote and f[3] == "01" and f[9] in inodes)  # 01: ESTABLISHED
 
 
 @contextlib.contextmanager
