@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 
 import pytest
 import redis
@@ -30,17 +29,9 @@ class _Clock:
 
 
 @pytest.fixture()
-def hourly_key():
-    """A connection key of the test's own; its Redis keys are removed after it."""
-    made: list[str] = []
-
-    def new() -> str:
-        made.append(f"test-{uuid.uuid4().hex[:8]}")
-        return made[-1]
-
-    yield new
-    for key in made:
-        _client().delete(*(ratelimit._key(kind, key) for kind in ("cooldown", "bucket", "inflight", "hourly")))
+def hourly_key(limiter_keys):
+    """A connection key of the test's own (tests/tasks/conftest.py removes its Redis keys)."""
+    return limiter_keys
 
 
 def _client() -> redis.Redis:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 
 import pytest
 import redis
@@ -14,21 +13,6 @@ from models.db import session_scope
 from tasks import enqueue_resolve, ratelimit
 from tests.factories import RESOLVED, World, attempts, job, wait_terminal
 from tests.harness import wait_for
-
-
-@pytest.fixture()
-def limiter_keys():
-    """Each test's own connection keys; whatever they leave in Redis is removed after it."""
-    made: list[str] = []
-
-    def new() -> str:
-        made.append(f"test-{uuid.uuid4().hex[:8]}")
-        return made[-1]
-
-    yield new
-    client = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"])
-    for key in made:
-        client.delete(ratelimit._key("cooldown", key), ratelimit._key("bucket", key), ratelimit._key("inflight", key))
 
 
 def test_the_bucket_lets_a_burst_through_then_holds_calls_to_the_rate(limiter_keys, monkeypatch):
