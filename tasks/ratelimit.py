@@ -11,9 +11,15 @@ Four rules, all keyed by the connection (a tenant's PSA), never global:
 - In-flight cap: at most PSA_MAX_INFLIGHT_PER_CONNECTION jobs of one connection run at once,
   across every worker process and host (a sorted set of job tokens scored by their lease
   deadline, so a slot of a worker that died mid-job frees itself when its lease would have
-  expired). A slow or stalling PSA then holds that many threads, never the whole pool; a job
-  over the cap is deferred like a cooldown deferral, for a short while that grows with its
-  earlier deferrals (inflight_retry_delay). 0 turns it off.
+  expired). A slow or stalling PSA then holds that many threads, never the whole pool. A job
+  over the cap joins the connection's waiting set (oldest first) and its message ends: the
+  job row waits, retrying, with nothing in the broker. A job that leaves hands its slot to
+  the oldest waiting job (the slot is kept for it) and the runner wakes that job (makes it
+  due and publishes it). So a backlog behind a slow PSA costs a claim per job when it
+  arrives and one per slot handed over, not a claim per job every few seconds. A waiting
+  job's row is due again after PSA_INFLIGHT_RECHECK_SECONDS (300): should a wake-up be lost
+  (a worker killed between the hand-over and the publish, Redis flushed), the sweeper
+  re-publishes it then. 0 turns the cap off.
 - Token bucket: at most PSA_RATE_LIMIT_PER_SECOND calls per second per connection
   (burst PSA_RATE_LIMIT_BURST). A job takes the tokens of all its calls at its first call
   (one Lua call per job, not per call: a Redis round trip per HTTP call was a tenth of a
@@ -31,8 +37,8 @@ Four rules, all keyed by the connection (a tenant's PSA), never global:
   one job per long pause announces it (long_deferral). Providers without a limit: no count.
 
 Admission to all four is one Lua call per job (_GATE, tasks.ratelimit_scripts), at the
-job's first PSA call; leaving the in-flight set is one more, when the job's calls are over
-(release).
+job's first PSA call; leaving the in-flight set (and handing the slot over) is one more,
+when the job's calls are over (release).
 
 Redis is RATE_LIMIT_REDIS_URL, else the broker when it is Redis; without Redis (the demo)
 all four are off. If Redis fails, calls go ahead (fail open): the PSA's own 429s and the
@@ -76,7 +82,9 @@ class CoolingDown(Throttled):
 
 
 class InflightCapReached(Throttled):
-    """PSA_MAX_INFLIGHT_PER_CONNECTION jobs of this connection are running already."""
+    """PSA_MAX_INFLIGHT_PER_CONNECTION jobs of this connection are running already: the job
+    is in the connection's waiting set; a job leaving wakes it (retry_after is only the
+    safety net's recheck, inflight_recheck())."""
 
 
 class HourlyLimitNear(Throttled):
@@ -188,13 +196,22 @@ def capped_wait(seconds: float) -> float:
     return max(0.0, min(seconds, max_retry_after()))
 
 
-def inflight_retry_delay(deferrals: int = 0) -> float:
-    """How long a job over the in-flight cap waits before asking again: short at first (a
-    slot frees as soon as one of the connection's running jobs ends), then doubling with the
-    job's earlier deferrals up to 30 s, jittered: a tenant with thousands of jobs queued
-    behind a slow PSA must not keep the workers busy claiming and deferring them every second."""
-    ceiling = min(2.0 ** max(deferrals, 0), 30.0)
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+def inflight_recheck() -> float:
+    """When a job waiting for an in-flight slot is due again should no wake-up come: a
+    release wakes it as soon as a slot is free, so this is only the safety net (the sweeper
+    re-publishes a due job whose message is gone). Short values bring back the churn the
+    waiting set removed (a claim per waiting job per period); jittered by up to a tenth."""
+    base = max(_number("PSA_INFLIGHT_RECHECK_SECONDS", 300), 1.0)
+    return base + random.uniform(0, base / 10)
+
+
+# A slot handed to a woken job is kept for it this long: its wake-up message is published at
+# the highest priority, so it normally comes within a second; one that never comes (the
+# waker died before publishing) frees the slot when this runs out.
+WOKEN_SLOT_HOLD = 120.0
+# The waiting set goes when no job has joined it for this long (its jobs come back through
+# the sweeper by then, and join again if the connection is still full).
+WAITING_TTL_MS = 3600 * 1000
 
 
 def _url() -> str | None:
@@ -267,29 +284,31 @@ def start_cooldown(connection: str, seconds: float | None) -> tuple[float, bool 
 
 
 def admit(connection: str, cost: int = 1, token: str | None = None, hold: float = 0.0,
-          cap: int | None = None, hourly: tuple[int, int] = (0, 0)) -> tuple[str, float]:
+          cap: int | None = None, hourly: tuple[int, int] = (0, 0), job: int | None = None) -> tuple[str, float]:
     """Take `cost` calls' tokens and, with a job `token`, one of the connection's in-flight
     slots for at most `hold` seconds; with an `hourly` (budget, slowdown from) limit, count the
     calls in the connection's rolling window. Returns ("go", seconds to wait first),
     ("cooldown", seconds left), ("full", 0), ("hourly", seconds until the window has room)
     or ("slowdown", seconds until the band's pace allows): nothing taken in the last four
-    cases, nor when the wait would be longer than max_wait()."""
-    kind, seconds, _announce, _used = _admit(connection, cost, token, hold, cap, hourly)
+    cases, nor when the wait would be longer than max_wait(). With a `job` id, "full" puts the
+    job in the connection's waiting set, and a slot a release kept for it is its own."""
+    kind, seconds, _announce, _used = _admit(connection, cost, token, hold, cap, hourly, job)
     return kind, seconds
 
 
 @_guard(("go", 0.0, False, 0))
 def _admit(connection: str, cost: int, token: str | None, hold: float, cap: int | None,
-           hourly: tuple[int, int]) -> tuple[str, float, bool, int]:
+           hourly: tuple[int, int], job: int | None = None) -> tuple[str, float, bool, int]:
     client = _redis()
     if client is None:
         return "go", 0.0, False, 0
     cap = (max_inflight() if cap is None else cap) if token else 0
     kind, ms, announce, used = client._pswb_scripts[0](
         keys=[_key("cooldown", connection), _key("bucket", connection), _key("inflight", connection),
-              _key("hourly", connection)],
+              _key("hourly", connection), _key("waiting", connection)],
         args=[rate_per_second(), burst(), time.time(), max_wait(), cost, cap, token or "", hold,
-              hourly[0], hourly[1], hourly_window(), long_deferral_after()])
+              hourly[0], hourly[1], hourly_window(), long_deferral_after(), "" if job is None else str(job),
+              WAITING_TTL_MS])
     kinds = {0: "go", 1: "cooldown", 2: "full", 3: "hourly", 4: "slowdown"}
     return kinds[int(kind)], int(ms) / 1000, bool(announce), int(used)
 
@@ -301,37 +320,56 @@ def take_token(connection: str, cost: int = 1) -> float:
     return -seconds if kind == "cooldown" else seconds
 
 
-@_guard(None)
-def release(connection: str, token: str) -> None:
-    """The job's PSA calls are over: its in-flight slot is free for the next job."""
+@_guard([])
+def release(connection: str, token: str, cap: int | None = None, *, dropped: int | None = None) -> list[int]:
+    """The job's PSA calls are over: its in-flight slot goes to the oldest waiting job (and
+    any other free slot too: one a dead worker's lease freed, one kept for a woken job that
+    never came), kept for it for WOKEN_SLOT_HOLD. Returns those jobs' ids, oldest first: the
+    caller wakes them (runner._wake). `dropped`: a woken job that turned out not to need its
+    kept slot (finished or gone meanwhile); its slot is handed on the same way."""
     client = _redis()
-    if client is not None:
-        client._pswb_scripts[2](keys=[_key("inflight", connection)], args=[token])
+    if client is None:
+        return []
+    cap = max_inflight() if cap is None else cap
+    woken = client._pswb_scripts[2](keys=[_key("inflight", connection), _key("waiting", connection)],
+                                    args=[token, time.time(), cap, WOKEN_SLOT_HOLD,
+                                          "" if dropped is None else str(dropped)])
+    return [int(w) for w in woken]
+
+
+class Slot:
+    """What counting_against leaves behind: the jobs its release woke (their ids)."""
+
+    def __init__(self) -> None:
+        self.woken: list[int] = []
 
 
 @contextlib.contextmanager
 def counting_against(connection: str | None, calls: int = 1, *, token: str | None = None,
                      hold: float = 0.0, cap: int | None = None,
-                     hourly: tuple[int, int] = (0, 0)) -> Iterator[None]:
+                     hourly: tuple[int, int] = (0, 0), job: int | None = None) -> Iterator[Slot]:
     """PSA calls made by this thread inside the block count against `connection`: the first
     one passes the gate for `calls` calls (the job's expected number), the others go. With
     a job `token`, the first call also takes one of the connection's in-flight slots, for at
     most `hold` seconds (the job's lease: a slot of a worker that died mid-job frees itself
     when another execution may take the job over); leaving the block gives it back. `cap`
     overrides PSA_MAX_INFLIGHT_PER_CONNECTION for this connection (inflight_cap); `hourly`
-    is its PSA's (budget, slowdown from) calls per rolling hour (hourly_limits)."""
+    is its PSA's (budget, slowdown from) calls per rolling hour (hourly_limits). With the
+    `job` id, a job over the cap waits in the connection's waiting set, and the yielded
+    Slot's `woken` names the waiting jobs this block's release handed a slot to."""
     previous = (getattr(_local, "connection", None), getattr(_local, "cost", 0), getattr(_local, "token", None),
                 getattr(_local, "hold", 0.0), getattr(_local, "admitted", False), getattr(_local, "cap", None),
-                getattr(_local, "hourly", (0, 0)))
+                getattr(_local, "hourly", (0, 0)), getattr(_local, "job", None))
     (_local.connection, _local.cost, _local.token, _local.hold, _local.admitted, _local.cap,
-     _local.hourly) = (connection, calls, token, hold, False, cap, hourly)
+     _local.hourly, _local.job) = (connection, calls, token, hold, False, cap, hourly, job)
+    slot = Slot()
     try:
-        yield
+        yield slot
     finally:
         if _local.admitted and connection is not None and token:
-            release(connection, token)
+            slot.woken = release(connection, token, max_inflight() if cap is None else cap)
         (_local.connection, _local.cost, _local.token, _local.hold, _local.admitted,
-         _local.cap, _local.hourly) = previous
+         _local.cap, _local.hourly, _local.job) = previous
 
 
 def _hourly_refusal(provider: str, operation: str, connection: str, kind: str, wait: float, announce: bool,
@@ -363,7 +401,8 @@ def gate(provider: str, operation: str) -> None:
     cap = getattr(_local, "cap", None)
     cap = max_inflight() if cap is None else cap
     hourly = getattr(_local, "hourly", (0, 0))
-    kind, wait, announce, used = _admit(connection, cost, token, getattr(_local, "hold", 0.0), cap, hourly)
+    kind, wait, announce, used = _admit(connection, cost, token, getattr(_local, "hold", 0.0), cap, hourly,
+                                        getattr(_local, "job", None))
     if kind in ("hourly", "slowdown"):
         _hourly_refusal(provider, operation, connection, kind, wait, announce, used, hourly)
     if kind == "cooldown":
@@ -371,9 +410,8 @@ def gate(provider: str, operation: str) -> None:
                           retry_after=wait, operation=operation)
     if kind == "full":
         raise InflightCapReached(f"{provider} connection {connection} has {cap} jobs in flight "
-                                 "(PSA_MAX_INFLIGHT_PER_CONNECTION, or the PSA's own limit)",
-                                 retry_after=inflight_retry_delay(),
-                                 operation=operation)
+                                 "(PSA_MAX_INFLIGHT_PER_CONNECTION, or the PSA's own limit); waiting for one "
+                                 "to finish", retry_after=inflight_recheck(), operation=operation)
     if wait > max_wait():
         raise Throttled(f"{provider} connection {connection} is over its rate limit "
                         f"({rate_per_second():g}/s)", retry_after=wait, operation=operation)

@@ -2,11 +2,13 @@
 worker process and host sees one connection's cooldown, in-flight slots, token bucket and
 hourly window change together, and a job's admission to all of them is one round trip."""
 
-# KEYS[1] cooldown, KEYS[2] bucket, KEYS[3] in-flight set, KEYS[4] hourly counts; ARGV rate/s, burst,
-# now (s), longest wait (s), tokens, in-flight cap, job token ('' = no cap check), seconds a slot is
-# held at most, hourly budget (0 = none), calls from which to slow down, window (s), alert
-# threshold (s). One round trip per job. Returns {kind, ms, announce, calls in the window}:
-# kind 1 while cooling down, 2 when the connection has `cap` jobs in flight, 3 at its hourly
+# KEYS[1] cooldown, KEYS[2] bucket, KEYS[3] in-flight set, KEYS[4] hourly counts, KEYS[5] waiting
+# jobs; ARGV rate/s, burst, now (s), longest wait (s), tokens, in-flight cap, job token ('' = no cap
+# check), seconds a slot is held at most, hourly budget (0 = none), calls from which to slow down,
+# window (s), alert threshold (s), job id ('' = none), ms the waiting set outlives its newest job.
+# One round trip per job. Returns {kind, ms, announce, calls in the window}:
+# kind 1 while cooling down, 2 when the connection has `cap` jobs in flight (the job id joins
+# the waiting set, keeping its place if it was there already), 3 at its hourly
 # budget (ms: until enough of the window's oldest minutes fall out), 4 in the slowdown band
 # before it (ms: until the band's pace allows the next job), else 0 (ms to wait for the
 # tokens; 0: taken; rate 0: off); a job that will wait no longer than ARGV[4] is admitted,
@@ -17,10 +19,18 @@ local cool = redis.call('PTTL', KEYS[1])
 if cool > 0 then return {1, cool, 0, 0} end
 local now, cap, token = tonumber(ARGV[3]), tonumber(ARGV[6]), ARGV[7]
 local capped = cap > 0 and token ~= ''
+local job = ARGV[13]
 if capped then
-  -- slots whose holder's lease ran out (a worker that died mid-job) are free again
+  -- slots whose holder's lease ran out (a worker that died mid-job) are free again, and so
+  -- are slots kept for a woken job that never came
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  if redis.call('ZSCORE', KEYS[3], token) == false and redis.call('ZCARD', KEYS[3]) >= cap then
+  -- a job woken by a release (RELEASE) finds its slot kept for it ('w:' .. job id)
+  if redis.call('ZSCORE', KEYS[3], token) == false and (job == '' or redis.call('ZSCORE', KEYS[3], 'w:' .. job) == false)
+     and redis.call('ZCARD', KEYS[3]) >= cap then
+    if job ~= '' then
+      redis.call('ZADD', KEYS[5], 'NX', now, job)
+      redis.call('PEXPIRE', KEYS[5], tonumber(ARGV[14]))
+    end
     return {2, 0, 0, 0}
   end
 end
@@ -87,6 +97,10 @@ end
 if wait <= tonumber(ARGV[4]) * 1000 then
   if capped then
     local hold = tonumber(ARGV[8])
+    if job ~= '' then
+      redis.call('ZREM', KEYS[3], 'w:' .. job)
+      redis.call('ZREM', KEYS[5], job)
+    end
     redis.call('ZADD', KEYS[3], string.format('%.3f', now + hold), token)
     -- the set outlives its newest slot by a second, then goes when idle
     local ttl = math.ceil(hold * 1000) + 1000
@@ -113,4 +127,27 @@ local made_long = 0
 if left <= tonumber(ARGV[2]) and ms > tonumber(ARGV[2]) then made_long = 1 end
 return {math.max(left, ms), made_long}
 """
-RELEASE = "return redis.call('ZREM', KEYS[1], ARGV[1])"
+# KEYS[1] in-flight set, KEYS[2] waiting jobs; ARGV job token, now (s), in-flight cap, seconds a
+# slot is kept for a woken job, job id whose kept slot to drop ('' = none). Gives the job's slot
+# back, then hands every free slot to the oldest waiting jobs: each gets a slot kept under
+# 'w:' .. id until its wake-up message comes (or the hold runs out). Returns their ids, oldest
+# first; the caller makes them due and publishes them (runner._wake).
+RELEASE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+if ARGV[5] ~= '' then redis.call('ZREM', KEYS[1], 'w:' .. ARGV[5]) end
+local now, cap = tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local free = cap - redis.call('ZCARD', KEYS[1])
+if cap <= 0 or free <= 0 then return {} end
+local woken = redis.call('ZPOPMIN', KEYS[2], free)
+local ids = {}
+for i = 1, #woken, 2 do
+  ids[#ids + 1] = woken[i]
+  redis.call('ZADD', KEYS[1], string.format('%.3f', now + tonumber(ARGV[4])), 'w:' .. woken[i])
+end
+if #ids > 0 then
+  local ttl = math.ceil(tonumber(ARGV[4]) * 1000) + 1000
+  if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+end
+return ids
+"""

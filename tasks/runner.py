@@ -49,7 +49,9 @@ _LOCAL_MARKDOWN = {"resolve": "resolution_note_markdown", "escalate": "escalatio
 @dataclass
 class Outcome:
     job_id: int
-    status: str  # succeeded | verification_failed | failed | retry | skipped
+    # succeeded | verification_failed | failed | retry | skipped | waiting (for an in-flight
+    # slot: no message waits for it, a release wakes it; see tasks.ratelimit)
+    status: str
     message: str = ""
     delay: float = 0.0
     result: dict[str, Any] = field(default_factory=dict)
@@ -122,10 +124,37 @@ def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
         cap = ratelimit.inflight_cap(getattr(vendor, "max_concurrent_requests", None))
         hourly = ratelimit.hourly_limits(job.provider or "", getattr(vendor, "hourly_call_limit", None))
         with ratelimit.counting_against(limited, calls=max(calls, 1), token=job.token, hold=store.lease_seconds(),
-                                        cap=cap, hourly=hourly):
-            return _run_calls(job, policy)
+                                        cap=cap, hourly=hourly, job=job.id) as slot:
+            outcome = _run_calls(job, policy)
     finally:
         _running.job = None
+    _wake(limited, slot.woken, cap)
+    return outcome
+
+
+def _wake(limited: str, woken: list[int], cap: int) -> None:
+    """Wake the waiting jobs our release handed a slot to: make each due and publish it (at
+    the highest priority: the slot waits for it). A woken job that is no longer waiting
+    (finished, cancelled, or taken by the sweeper's re-publish meanwhile) hands its slot on.
+    Nothing here may fail our own job, whose outcome is written: a wake-up that cannot be
+    sent leaves the job to its recheck (PSA_INFLIGHT_RECHECK_SECONDS) and the sweeper."""
+    from tasks.enqueue import publish
+
+    pending, handed = list(woken), 0
+    while pending and handed < 50:  # bounded: each pass pops at most the cap's free slots
+        job_id = pending.pop(0)
+        handed += 1
+        try:
+            kind = store.wake(job_id)
+        except Exception as err:
+            log.warning("could not wake job %s waiting for an in-flight slot (%s); it comes back after its "
+                        "recheck", job_id, describe_error(err), extra={"job_id": job_id})
+            continue
+        if kind is None:
+            pending.extend(ratelimit.release(limited, "", cap, dropped=job_id))
+            continue
+        publish(job_id, kind, priority=0)
+        log.info("woke job %s: an in-flight slot is free", job_id, extra={"job_id": job_id, "step": "wake"})
 
 
 def _run_calls(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
@@ -263,8 +292,6 @@ def _defer(job: ClaimedJob, err: PsaError, step: str) -> Outcome:
     little jitter so a tenant's deferred jobs do not all return in the same instant. Never
     longer than PSA_MAX_RETRY_AFTER_SECONDS, whatever the limiter says."""
     wait = err.retry_after if err.retry_after is not None else ratelimit.default_cooldown()
-    if isinstance(err, ratelimit.InflightCapReached):
-        wait = ratelimit.inflight_retry_delay(job.deferrals)  # longer for a job that waited before
     spread = ratelimit.hourly_spread(job.deferrals) if isinstance(err, ratelimit.HourlyLimitNear) else 0.0
     delay = ratelimit.capped_wait(wait + spread) + random.uniform(0, 0.5)
     store.schedule_retry(job, delay, err, None, step, spend_attempt=False)
@@ -273,6 +300,12 @@ def _defer(job: ClaimedJob, err: PsaError, step: str) -> Outcome:
                 attempt=job.attempt_no, delay=delay, error_type=type(err).__name__)
     # A cooldown's length was alerted on by the job whose 429 started it (see _psa_error), an
     # hourly pause's by the one job Redis named to announce it.
+    if isinstance(err, ratelimit.InflightCapReached):
+        # In the connection's waiting set: a job leaving wakes it with a message of its own.
+        # A countdown message too would be a second one (and a stale one re-arms itself on
+        # every "not due" refusal), so none is sent; the row's recheck is the safety net,
+        # not a wait the PSA imposes (no long_deferral alert).
+        return Outcome(job.id, "waiting", str(err), delay=delay)
     announced = getattr(err, "announce", True)
     if not getattr(err, "cooling_down", False) and announced and delay > ratelimit.long_deferral_after():
         _long_deferral(job, wait, delay, f"our own limiter deferred it: {err.message}")

@@ -620,6 +620,20 @@ def schedule_retry(job: ClaimedJob, delay: float, error: BaseException, http_sta
     return due
 
 
+@db_retry
+def wake(job_id: int) -> str | None:
+    """A job waiting for an in-flight slot was handed one (ratelimit.release): due now, and
+    marked published (the waker publishes it next, so the sweeper need not). Returns its kind,
+    or None when it is not waiting any more (finished, running, deleted)."""
+    now = utcnow()
+    with transaction() as db:
+        _relaxed(db)  # lost in a PostgreSQL crash: the job comes back at its recheck instead
+        row = db.execute(update(_J).where(_J.id == job_id, _J.state.in_(_CLAIMABLE))
+                         .values(next_attempt_at=now, published_at=now, updated_at=now)
+                         .returning(_J.kind)).first()
+    return None if row is None else row.kind
+
+
 def _error_columns(error: BaseException | str | tuple[str, str] | None) -> dict[str, Any]:
     """An exception, a bare message, or (error type, message) when the message is ours."""
     if error is None:

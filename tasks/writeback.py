@@ -104,6 +104,8 @@ def run_job(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any, inten
         raise task.retry(args=(), kwargs={"job_id": job_id},
                          countdown=min(outcome.delay + (0.5 if refused == "running" else 0), max_countdown()),
                          max_retries=None)
+    # "waiting" (for a PSA connection's in-flight slot) ends the message: the job waits in
+    # the connection's waiting set, and the job that frees a slot publishes it (runner._wake).
     if outcome.status in ("succeeded", "verification_failed", "failed") and outcome.next_on_ticket is not None:
         publish(*outcome.next_on_ticket)  # looked up in the outcome's own transaction
     if outcome.status == "failed":

@@ -13,7 +13,7 @@ from tasks import ratelimit
 @pytest.fixture()
 def limiter_keys():
     """Connection keys of the test's own; whatever the limiter leaves under them in Redis
-    (cooldown, bucket, in-flight set, hourly count) is removed after it."""
+    (cooldown, bucket, in-flight set, hourly count, waiting set) is removed after it."""
     made: list[str] = []
 
     def new() -> str:
@@ -23,4 +23,4 @@ def limiter_keys():
     yield new
     client = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"])
     for key in made:
-        client.delete(*(ratelimit._key(kind, key) for kind in ("cooldown", "bucket", "inflight", "hourly")))
+        client.delete(*(ratelimit._key(kind, key) for kind in ("cooldown", "bucket", "inflight", "hourly", "waiting")))

@@ -88,11 +88,12 @@ def test_the_in_flight_cap_admits_that_many_jobs_and_a_released_slot_is_free_aga
         ratelimit.gate("connectwise", "post_note")  # the job's later calls pass without asking again
         with second:
             ratelimit.gate("connectwise", "list_notes")
-            # then a third job of the same connection is refused, without a call, for a short while
+            # then a third job of the same connection is refused, without a call, and waits to be
+            # woken (its retry_after is only the safety net's recheck, 300 s by default)
             with ratelimit.counting_against(key, token="job-3", hold=60), \
                     pytest.raises(ratelimit.InflightCapReached) as refused:
                 ratelimit.gate("connectwise", "list_notes")
-            assert 0.5 <= refused.value.retry_after <= 1.0
+            assert 300 <= refused.value.retry_after <= 330
             assert "PSA_MAX_INFLIGHT_PER_CONNECTION" in str(refused.value)
             # while another connection's job goes
             with ratelimit.counting_against(other, token="job-4", hold=60):
@@ -131,10 +132,12 @@ def test_a_psas_own_concurrency_limit_caps_its_jobs_even_with_our_cap_off(limite
     assert _redis_client().zcard(ratelimit._key("inflight", key)) == 0
 
 
-def test_a_job_over_the_cap_waits_longer_the_more_often_it_waited_before():
-    for deferrals, low, high in ((0, 0.5, 1), (1, 1, 2), (3, 4, 8), (9, 15, 30)):
-        delays = [ratelimit.inflight_retry_delay(deferrals) for _ in range(50)]
-        assert all(low <= d <= high for d in delays), (deferrals, min(delays), max(delays))
+def test_a_waiting_jobs_recheck_is_the_setting_jittered_and_a_bad_value_falls_back(monkeypatch):
+    monkeypatch.setenv("PSA_INFLIGHT_RECHECK_SECONDS", "60")
+    delays = [ratelimit.inflight_recheck() for _ in range(50)]
+    assert all(60 <= d <= 66 for d in delays) and len(set(delays)) > 1
+    monkeypatch.setenv("PSA_INFLIGHT_RECHECK_SECONDS", "nan")
+    assert 300 <= ratelimit.inflight_recheck() <= 330
 
 
 def test_a_slot_of_a_worker_that_died_mid_job_frees_itself_and_the_key_expires(limiter_keys, monkeypatch):

@@ -92,6 +92,33 @@ def test_a_slow_tenant_holds_at_most_its_cap_of_threads_across_two_workers(priva
     assert all(client.zcard(k) == 0 for k in client.scan_iter(match="*psa-writeback:inflight:*"))
 
 
+def test_jobs_behind_the_cap_are_woken_as_slots_free_not_claimed_again_and_again(private_broker, sim, tmp_path):
+    # given a cap of 1 job in flight, a PSA answering every call after 0.15 s (so a job takes
+    # ~0.8 s), and the waiting jobs' recheck at its default 300 s: only wake-ups bring them back
+    world = World.create(sim)
+    sim.state.latency = 0.15
+    [w] = start_workers(private_broker, tmp_path, 1, PSA_MAX_INFLIGHT_PER_CONNECTION="1")
+    try:
+        # when 6 resolves are enqueued at once
+        ids = [enqueue_resolve(None, world.session(8700 + n), f"Queued note {n}.") for n in range(6)]
+        rows = [wait_terminal(i, timeout=60) for i in ids]
+    finally:
+        w.stop()
+    # then all went through, one at a time, long before any recheck
+    assert all(r.state == "succeeded" for r in rows), [(r.id, r.state, r.error_message) for r in rows]
+    assert sim.state.max_in_flight == 1
+    assert max(r.finished_at for r in rows) - min(r.created_at for r in rows) < dt.timedelta(seconds=45)
+    # and no job was claimed and deferred more than once: it waited to be woken (the old
+    # doubling retry, 0.5 s to 30 s, deferred the last of them 3-4 times)
+    deferrals = {r.id: [x for x in attempts(r.id) if x.outcome == "deferred"] for r in rows}
+    assert max(len(d) for d in deferrals.values()) == 1, {k: len(v) for k, v in deferrals.items()}
+    assert sum(len(d) for d in deferrals.values()) >= 3
+    # and nothing is left waiting or holding a slot in Redis
+    client = redis.Redis.from_url(private_broker.url)
+    assert all(client.zcard(k) == 0 for k in client.scan_iter(match="*psa-writeback:waiting:*"))
+    assert all(client.zcard(k) == 0 for k in client.scan_iter(match="*psa-writeback:inflight:*"))
+
+
 def test_a_real_failure_after_deferrals_waits_the_first_backoff_step(private_broker, sim, tmp_path):
     # given a backoff of 4 s doubling (so step 1 waits 2-4 s, step 2 waits 4-8 s), and
     # ticket 8501 whose PSA answers 500 to everything
