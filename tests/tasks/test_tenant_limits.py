@@ -119,6 +119,40 @@ def test_jobs_behind_the_cap_are_woken_as_slots_free_not_claimed_again_and_again
     assert all(client.zcard(k) == 0 for k in client.scan_iter(match="*psa-writeback:inflight:*"))
 
 
+def test_a_waiting_job_whose_wake_up_is_lost_comes_back_through_the_sweeper(private_broker, sim, tmp_path,
+                                                                            monkeypatch):
+    from models import PsaConnection
+    from tasks import sweeper
+
+    # given a cap of 1 held by a worker that died without giving its slot back (an hour's
+    # lease), and a recheck of 1 s
+    world = World.create(sim)
+    with session_scope() as db:
+        base_url = db.get(PsaConnection, world.connection_id).base_url
+    client = redis.Redis.from_url(private_broker.url)
+    inflight = f"psa-writeback:inflight:{ratelimit.connection_key(world.connection_id, base_url)}"
+    client.zadd(inflight, {"dead-worker": time.time() + 3600})
+    [w] = start_workers(private_broker, tmp_path, 1, PSA_MAX_INFLIGHT_PER_CONNECTION="1",
+                        PSA_INFLIGHT_RECHECK_SECONDS="1")
+    try:
+        # when a job of that connection is refused a slot and waits
+        waiting = enqueue_resolve(None, world.session(8750), "The job whose wake-up is lost.")
+        wait_for(lambda: any(x.error_type == "InflightCapReached" for x in attempts(waiting)), timeout=15,
+                 message="the job to wait for a slot")
+        assert client.zrange(inflight.replace(":inflight:", ":waiting:"), 0, -1) == [str(waiting).encode()]
+        # and the slot frees without the release that would wake it (its holder's lease expired)
+        client.zrem(inflight, "dead-worker")
+        time.sleep(2.5)
+        assert job(waiting).state == "retrying" and sim.state.notes(8750) == []  # nobody woke it
+        # then the sweeper (beat) re-publishes the job once it is due, and it runs
+        monkeypatch.setenv("SWEEP_REPUBLISH_AFTER_SECONDS", "1")
+        wait_for(lambda: sweeper.sweep()["published"], timeout=10, message="the sweeper to re-publish it")
+        row = wait_terminal(waiting, timeout=20)
+    finally:
+        w.stop()
+    assert row.state == "succeeded" and sim.state.status_of(8750) == RESOLVED
+
+
 def test_a_real_failure_after_deferrals_waits_the_first_backoff_step(private_broker, sim, tmp_path):
     # given a backoff of 4 s doubling (so step 1 waits 2-4 s, step 2 waits 4-8 s), and
     # ticket 8501 whose PSA answers 500 to everything
