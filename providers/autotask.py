@@ -123,6 +123,8 @@ class AutotaskProvider:
             return None
         try:
             return self._picklist("Tickets", "status").label(status)
+        except E.PsaRateLimited:
+            raise  # the PSA asks us to slow down: the runner's cooldown, not another call soon
         except E.PsaError:
             return None  # the name is a courtesy; the id is what we verify
 

@@ -180,6 +180,8 @@ class HaloProvider:
         if not name and status is not None:
             try:
                 name = self._statuses().label(status)
+            except E.PsaRateLimited:
+                raise  # the PSA asks us to slow down: the runner's cooldown, not another call soon
             except E.PsaError:
                 name = None  # a courtesy: the id is what we verify
         closed = body.get("hasbeenclosed")

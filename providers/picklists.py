@@ -4,17 +4,24 @@ per connection so a writeback does not re-read them on every call.
 Bounded and timed: a worker serving thousands of tenants keeps at most MAX_ENTRIES, and a
 tenant that edits its picklists sees the change within TTL_SECONDS. Shared by the worker's
 threads; a miss is loaded outside the lock (two threads may both load once; harmless).
+
+A load that failed is remembered for FAILURE_SECONDS: status names are a courtesy that the
+providers do without, and a tenant whose field-information endpoint refuses us (permissions,
+an outage) must not cost an extra call on every ticket read. A 429 is not remembered, it is
+raised: the runner starts the connection's cooldown, and nothing calls that PSA meanwhile.
 """
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from providers.errors import PsaBadRequest
+from providers.errors import PsaBadRequest, PsaError, PsaRateLimited
 from providers.lru import LRU
 
 MAX_ENTRIES = 512
+FAILURE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -40,11 +47,21 @@ class PicklistCache:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self._entries: LRU[dict[str, Picklist]] = LRU(
             max_entries, ttl=lambda: float(os.environ.get("PSA_PICKLIST_TTL_SECONDS", "600")))
+        self._failures: LRU[PsaError] = LRU(max_entries, ttl=lambda: FAILURE_SECONDS)
 
     def get(self, key: str, load: Callable[[], dict[str, Picklist]], field: str) -> Picklist:
         lists = self._entries.get(key)
         if lists is None:
-            lists = self._entries.put(key, load())  # loaded outside the lock
+            failed = self._failures.get(key)
+            if failed is not None:
+                raise copy.copy(failed)  # a copy: each raise gets its own traceback
+            try:
+                lists = self._entries.put(key, load())  # loaded outside the lock
+            except PsaRateLimited:
+                raise
+            except PsaError as err:
+                self._failures.put(key, err.with_traceback(None))
+                raise
         try:
             return lists[field]
         except KeyError:
@@ -52,6 +69,7 @@ class PicklistCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._failures.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

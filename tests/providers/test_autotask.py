@@ -79,6 +79,31 @@ def test_status_names_come_from_the_tenant_picklist_and_a_missing_ticket_is_not_
         at.get_ticket(404404)
 
 
+def test_a_failed_picklist_load_is_not_retried_on_every_ticket_read(atsim):
+    # given a tenant whose field information answers 403 (the API user may not read it)
+    atsim.state.add_fault(action="error", status=403, operation="list_statuses", times=-1)
+    at = _provider(atsim)
+    # when three tickets are read
+    tickets = [at.get_ticket(1) for _ in range(3)]
+    # then they carry their status ids without names, and the picklist was asked for once
+    assert [(t.status_id, t.status_name) for t in tickets] == [(1, None)] * 3
+    assert atsim.state.calls["list_statuses"] == 1
+    assert atsim.state.calls["get_ticket"] == 3
+
+
+def test_a_429_on_the_picklist_is_raised_for_the_cooldown_and_not_remembered(atsim):
+    # given the field information answering 429 once (Retry-After 7 s)
+    atsim.state.add_fault(action="error", status=429, retry_after=7, operation="list_statuses", times=1)
+    at = _provider(atsim)
+    # then the ticket read says so (the runner starts the connection's cooldown) ...
+    with pytest.raises(E.PsaRateLimited) as info:
+        at.get_ticket(1)
+    assert info.value.retry_after == 7
+    # ... and the next read, after the cooldown, loads the picklist for real
+    assert at.get_ticket(1).status_name == "New"
+    assert atsim.state.calls["list_statuses"] == 2
+
+
 def test_a_500_with_an_errors_array_is_a_permanent_business_rule_with_the_vendor_text(atsim):
     rule = "The ticket cannot be completed while it has open to-dos."
     atsim.state.add_fault(action="error", status=500, operation="update_status", body={"errors": [rule]})
