@@ -55,6 +55,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from providers.errors import PsaRateLimited
@@ -298,7 +299,7 @@ def admit(connection: str, cost: int = 1, token: str | None = None, hold: float 
 
 @_guard(("go", 0.0, False, 0))
 def _admit(connection: str, cost: int, token: str | None, hold: float, cap: int | None,
-           hourly: tuple[int, int], job: int | None = None) -> tuple[str, float, bool, int]:
+           hourly: tuple[int, int], job: int | None = None, now: float | None = None) -> tuple[str, float, bool, int]:
     client = _redis()
     if client is None:
         return "go", 0.0, False, 0
@@ -306,7 +307,7 @@ def _admit(connection: str, cost: int, token: str | None, hold: float, cap: int 
     kind, ms, announce, used = client._pswb_scripts[0](
         keys=[_key("cooldown", connection), _key("bucket", connection), _key("inflight", connection),
               _key("hourly", connection), _key("waiting", connection)],
-        args=[rate_per_second(), burst(), time.time(), max_wait(), cost, cap, token or "", hold,
+        args=[rate_per_second(), burst(), time.time() if now is None else now, max_wait(), cost, cap, token or "", hold,
               hourly[0], hourly[1], hourly_window(), long_deferral_after(), "" if job is None else str(job),
               WAITING_TTL_MS])
     kinds = {0: "go", 1: "cooldown", 2: "full", 3: "hourly", 4: "slowdown"}
@@ -321,19 +322,25 @@ def take_token(connection: str, cost: int = 1) -> float:
 
 
 @_guard([])
-def release(connection: str, token: str, cap: int | None = None, *, dropped: int | None = None) -> list[int]:
+def release(connection: str, token: str, cap: int | None = None, *, dropped: int | None = None,
+            recount: tuple[int, float] = (0, 0.0)) -> list[int]:
     """The job's PSA calls are over: its in-flight slot goes to the oldest waiting job (and
     any other free slot too: one a dead worker's lease freed, one kept for a woken job that
     never came), kept for it for WOKEN_SLOT_HOLD. Returns those jobs' ids, oldest first: the
     caller wakes them (runner._wake). `dropped`: a woken job that turned out not to need its
-    kept slot (finished or gone meanwhile); its slot is handed on the same way."""
+    kept slot (finished or gone meanwhile); its slot is handed on the same way. `recount`:
+    (calls made minus calls charged at admission, the admission's time) for a PSA with an
+    hourly limit, so its window counts the calls really made (a picklist load, a second page
+    of notes), in the same round trip."""
     client = _redis()
     if client is None:
         return []
     cap = max_inflight() if cap is None else cap
-    woken = client._pswb_scripts[2](keys=[_key("inflight", connection), _key("waiting", connection)],
-                                    args=[token, time.time(), cap, WOKEN_SLOT_HOLD,
-                                          "" if dropped is None else str(dropped)])
+    width = hourly_window() / 60
+    woken = client._pswb_scripts[2](
+        keys=[_key("inflight", connection), _key("waiting", connection), _key("hourly", connection)],
+        args=[token, time.time(), cap, WOKEN_SLOT_HOLD, "" if dropped is None else str(dropped),
+              recount[0], math.floor(recount[1] / width), math.ceil(61 * width * 1000)])
     return [int(w) for w in woken]
 
 
@@ -344,10 +351,26 @@ class Slot:
         self.woken: list[int] = []
 
 
+@dataclass
+class _Block:
+    """One counting_against block's state, for the gate its thread's PSA calls pass."""
+    connection: str
+    cost: int  # the calls charged at admission (the job's expected number)
+    token: str | None
+    hold: float
+    cap: int
+    hourly: tuple[int, int]
+    job: int | None
+    recount: bool
+    admitted_at: float | None = None  # when the first call was admitted (None: not yet)
+    calls: int = 0  # calls made since
+
+
 @contextlib.contextmanager
 def counting_against(connection: str | None, calls: int = 1, *, token: str | None = None,
                      hold: float = 0.0, cap: int | None = None,
-                     hourly: tuple[int, int] = (0, 0), job: int | None = None) -> Iterator[Slot]:
+                     hourly: tuple[int, int] = (0, 0), job: int | None = None,
+                     recount: bool = False) -> Iterator[Slot]:
     """PSA calls made by this thread inside the block count against `connection`: the first
     one passes the gate for `calls` calls (the job's expected number), the others go. With
     a job `token`, the first call also takes one of the connection's in-flight slots, for at
@@ -356,20 +379,24 @@ def counting_against(connection: str | None, calls: int = 1, *, token: str | Non
     overrides PSA_MAX_INFLIGHT_PER_CONNECTION for this connection (inflight_cap); `hourly`
     is its PSA's (budget, slowdown from) calls per rolling hour (hourly_limits). With the
     `job` id, a job over the cap waits in the connection's waiting set, and the yielded
-    Slot's `woken` names the waiting jobs this block's release handed a slot to."""
-    previous = (getattr(_local, "connection", None), getattr(_local, "cost", 0), getattr(_local, "token", None),
-                getattr(_local, "hold", 0.0), getattr(_local, "admitted", False), getattr(_local, "cap", None),
-                getattr(_local, "hourly", (0, 0)), getattr(_local, "job", None))
-    (_local.connection, _local.cost, _local.token, _local.hold, _local.admitted, _local.cap,
-     _local.hourly, _local.job) = (connection, calls, token, hold, False, cap, hourly, job)
+    Slot's `woken` names the waiting jobs this block's release handed a slot to. With
+    `recount` (the runner's jobs), leaving the block corrects the hourly window from the
+    calls expected to the calls made."""
+    previous = getattr(_local, "block", None)
+    block = None if connection is None else _Block(connection, calls, token, hold,
+                                                   max_inflight() if cap is None else cap, hourly, job, recount)
+    _local.block = block
     slot = Slot()
     try:
         yield slot
     finally:
-        if _local.admitted and connection is not None and token:
-            slot.woken = release(connection, token, max_inflight() if cap is None else cap)
-        (_local.connection, _local.cost, _local.token, _local.hold, _local.admitted,
-         _local.cap, _local.hourly, _local.job) = previous
+        _local.block = previous
+        if block is not None and block.admitted_at is not None:
+            holds_slot = block.token is not None and block.cap > 0
+            delta = block.calls - block.cost if block.recount and block.hourly[0] > 0 else 0
+            if holds_slot or delta:
+                slot.woken = release(block.connection, block.token if holds_slot else "",
+                                     block.cap if holds_slot else 0, recount=(delta, block.admitted_at))
 
 
 def _hourly_refusal(provider: str, operation: str, connection: str, kind: str, wait: float, announce: bool,
@@ -394,17 +421,18 @@ def gate(provider: str, operation: str) -> None:
     """Called before every PSA call (providers.http): wait for the connection's cooldown, an
     in-flight slot and a token, or raise Throttled when that would take longer than
     max_wait()."""
-    connection, cost = getattr(_local, "connection", None), getattr(_local, "cost", 0)
-    if connection is None or cost <= 0:
+    block: _Block | None = getattr(_local, "block", None)
+    if block is None or block.cost <= 0:
         return
-    token = getattr(_local, "token", None)
-    cap = getattr(_local, "cap", None)
-    cap = max_inflight() if cap is None else cap
-    hourly = getattr(_local, "hourly", (0, 0))
-    kind, wait, announce, used = _admit(connection, cost, token, getattr(_local, "hold", 0.0), cap, hourly,
-                                        getattr(_local, "job", None))
+    if block.admitted_at is not None:
+        block.calls += 1  # admitted: the job's other calls pass (and are counted for the recount)
+        return
+    now = time.time()
+    kind, wait, announce, used = _admit(block.connection, block.cost, block.token, block.hold, block.cap,
+                                        block.hourly, block.job, now)
+    connection, cap = block.connection, block.cap
     if kind in ("hourly", "slowdown"):
-        _hourly_refusal(provider, operation, connection, kind, wait, announce, used, hourly)
+        _hourly_refusal(provider, operation, connection, kind, wait, announce, used, block.hourly)
     if kind == "cooldown":
         raise CoolingDown(f"{provider} connection {connection} is cooling down after a 429",
                           retry_after=wait, operation=operation)
@@ -415,7 +443,6 @@ def gate(provider: str, operation: str) -> None:
     if wait > max_wait():
         raise Throttled(f"{provider} connection {connection} is over its rate limit "
                         f"({rate_per_second():g}/s)", retry_after=wait, operation=operation)
-    _local.cost = 0  # admitted: the job's other calls pass
-    _local.admitted = token is not None and cap > 0  # holds a slot to give back
+    block.admitted_at, block.calls = now, 1
     if wait > 0:
         time.sleep(wait)

@@ -127,12 +127,20 @@ local made_long = 0
 if left <= tonumber(ARGV[2]) and ms > tonumber(ARGV[2]) then made_long = 1 end
 return {math.max(left, ms), made_long}
 """
-# KEYS[1] in-flight set, KEYS[2] waiting jobs; ARGV job token, now (s), in-flight cap, seconds a
-# slot is kept for a woken job, job id whose kept slot to drop ('' = none). Gives the job's slot
-# back, then hands every free slot to the oldest waiting jobs: each gets a slot kept under
-# 'w:' .. id until its wake-up message comes (or the hold runs out). Returns their ids, oldest
-# first; the caller makes them due and publishes them (runner._wake).
+# KEYS[1] in-flight set, KEYS[2] waiting jobs, KEYS[3] hourly counts; ARGV job token, now (s),
+# in-flight cap, seconds a slot is kept for a woken job, job id whose kept slot to drop ('' =
+# none), hourly recount (calls made - calls charged), the minute they were charged to, ms the
+# counts outlive it. Corrects the hourly window, gives the job's slot back, then hands every free
+# slot to the oldest waiting jobs: each gets a slot kept under 'w:' .. id until its wake-up
+# message comes (or the hold runs out). Returns their ids, oldest first; the caller makes them
+# due and publishes them (runner._wake).
 RELEASE = """
+local recount = tonumber(ARGV[6])
+-- a credit (fewer calls than charged) only to a minute still counted, never a negative one
+if recount > 0 or (recount < 0 and redis.call('HEXISTS', KEYS[3], ARGV[7]) == 1) then
+  redis.call('HINCRBY', KEYS[3], ARGV[7], recount)
+  if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[8]) then redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[8])) end
+end
 redis.call('ZREM', KEYS[1], ARGV[1])
 if ARGV[5] ~= '' then redis.call('ZREM', KEYS[1], 'w:' .. ARGV[5]) end
 local now, cap = tonumber(ARGV[2]), tonumber(ARGV[3])

@@ -124,7 +124,7 @@ def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
         cap = ratelimit.inflight_cap(getattr(vendor, "max_concurrent_requests", None))
         hourly = ratelimit.hourly_limits(job.provider or "", getattr(vendor, "hourly_call_limit", None))
         with ratelimit.counting_against(limited, calls=max(calls, 1), token=job.token, hold=store.lease_seconds(),
-                                        cap=cap, hourly=hourly, job=job.id) as slot:
+                                        cap=cap, hourly=hourly, job=job.id, recount=True) as slot:
             outcome = _run_calls(job, policy)
     finally:
         _running.job = None

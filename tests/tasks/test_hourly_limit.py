@@ -96,6 +96,36 @@ def test_the_window_counts_a_jobs_calls_and_forgets_minutes_older_than_the_windo
     assert _counted(key) == {str(first_minute + 30): 3, str(first_minute + 60): 1}
 
 
+def test_the_window_counts_the_calls_a_job_made_not_the_calls_it_expected(hourly_key, budget_100):
+    key, hourly = hourly_key(), ratelimit.hourly_limits("autotask", 10_000)
+    # given jobs that expect 5 calls each (a resolve), as the runner runs them (recount)
+    def job(made: int, token: str) -> None:
+        with ratelimit.counting_against(key, calls=5, token=token, hold=60, cap=3, hourly=hourly, recount=True):
+            for _ in range(made):
+                ratelimit.gate("autotask", "get_ticket")
+
+    # when one makes 8 (a picklist load, a second page of notes) and the next only 1 (it failed)
+    job(8, "long")
+    assert sum(_counted(key).values()) == 8
+    job(1, "short")
+    # then the window holds the 9 calls made, not the 10 charged at admission
+    assert sum(_counted(key).values()) == 9
+    job(5, "exact")
+    assert sum(_counted(key).values()) == 14
+    # and a block without recount (take_token's callers) keeps what it was charged
+    with ratelimit.counting_against(key, calls=5, hourly=hourly):
+        ratelimit.gate("autotask", "get_ticket")
+    assert sum(_counted(key).values()) == 19
+
+
+def test_a_credit_is_never_written_to_a_minute_that_is_gone(hourly_key, budget_100):
+    key, hourly = hourly_key(), ratelimit.hourly_limits("autotask", 10_000)
+    with ratelimit.counting_against(key, calls=5, token="t", hold=60, cap=3, hourly=hourly, recount=True):
+        ratelimit.gate("autotask", "get_ticket")
+        _client().delete(ratelimit._key("hourly", key))  # the count expired meanwhile
+    assert _counted(key) == {}  # no minute of -4 calls
+
+
 def test_a_connection_without_an_hourly_limit_keeps_no_count(hourly_key, budget_100):
     key = hourly_key()
     for _ in range(30):
