@@ -116,20 +116,21 @@ def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
     limited = ratelimit.connection_key(job.connection_id, job.credentials.base_url)
     job.scratch["limit_key"] = limited
     calls = (2 if job.markdown is not None else 0) + (3 if job.target_status_id is not None else 0)
+    # A PSA's own concurrency limit (Autotask: 3 requests at once) caps its jobs too, and
+    # its calls per rolling hour (Autotask: 10,000, shared with the tenant's other integrations).
+    vendor = REGISTRY.get(job.provider or "")
+    cap = ratelimit.inflight_cap(getattr(vendor, "max_concurrent_requests", None))
+    hourly = ratelimit.hourly_limits(job.provider or "", getattr(vendor, "hourly_call_limit", None))
+    slot = ratelimit.Slot()
     _running.job = job
     try:
-        # A PSA's own concurrency limit (Autotask: 3 requests at once) caps its jobs too, and
-        # its calls per rolling hour (Autotask: 10,000, shared with the tenant's other integrations).
-        vendor = REGISTRY.get(job.provider or "")
-        cap = ratelimit.inflight_cap(getattr(vendor, "max_concurrent_requests", None))
-        hourly = ratelimit.hourly_limits(job.provider or "", getattr(vendor, "hourly_call_limit", None))
         with ratelimit.counting_against(limited, calls=max(calls, 1), token=job.token, hold=store.lease_seconds(),
                                         cap=cap, hourly=hourly, job=job.id, recount=True) as slot:
-            outcome = _run_calls(job, policy)
+            return _run_calls(job, policy)
     finally:
         _running.job = None
-    _wake(limited, slot.woken, cap)
-    return outcome
+        # also after LeaseLost or a database outage: the slot we gave back was handed on
+        _wake(limited, slot.woken, cap)
 
 
 def _wake(limited: str, woken: list[int], cap: int) -> None:
