@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from providers.errors import PsaRateLimited
-from tasks.ratelimit_scripts import COOLDOWN as _COOLDOWN, GATE as _GATE, RELEASE as _RELEASE
+from tasks.ratelimit_scripts import COOLDOWN as _COOLDOWN, GATE as _GATE, RELEASE as _RELEASE, WAIT as _WAIT
 
 log = logging.getLogger("psa_writeback.ratelimit")
 
@@ -234,7 +234,7 @@ def _redis() -> Any:
                 socket_timeout=0.5, socket_connect_timeout=0.5)
             client = redis.Redis(connection_pool=pool)
             client._pswb_scripts = (client.register_script(_GATE), client.register_script(_COOLDOWN),
-                                    client.register_script(_RELEASE))
+                                    client.register_script(_RELEASE), client.register_script(_WAIT))
             _clients[url] = client
         return client
 
@@ -291,8 +291,8 @@ def admit(connection: str, cost: int = 1, token: str | None = None, hold: float 
     calls in the connection's rolling window. Returns ("go", seconds to wait first),
     ("cooldown", seconds left), ("full", 0), ("hourly", seconds until the window has room)
     or ("slowdown", seconds until the band's pace allows): nothing taken in the last four
-    cases, nor when the wait would be longer than max_wait(). With a `job` id, "full" puts the
-    job in the connection's waiting set, and a slot a release kept for it is its own."""
+    cases, nor when the wait would be longer than max_wait(). With a `job` id, a slot a release
+    kept for that job is its own (after "full", the caller defers the job, then wait_for_slot)."""
     kind, seconds, _announce, _used = _admit(connection, cost, token, hold, cap, hourly, job)
     return kind, seconds
 
@@ -308,8 +308,7 @@ def _admit(connection: str, cost: int, token: str | None, hold: float, cap: int 
         keys=[_key("cooldown", connection), _key("bucket", connection), _key("inflight", connection),
               _key("hourly", connection), _key("waiting", connection)],
         args=[rate_per_second(), burst(), time.time() if now is None else now, max_wait(), cost, cap, token or "", hold,
-              hourly[0], hourly[1], hourly_window(), long_deferral_after(), "" if job is None else str(job),
-              WAITING_TTL_MS])
+              hourly[0], hourly[1], hourly_window(), long_deferral_after(), "" if job is None else str(job)])
     kinds = {0: "go", 1: "cooldown", 2: "full", 3: "hourly", 4: "slowdown"}
     return kinds[int(kind)], int(ms) / 1000, bool(announce), int(used)
 
@@ -341,6 +340,22 @@ def release(connection: str, token: str, cap: int | None = None, *, dropped: int
         keys=[_key("inflight", connection), _key("waiting", connection), _key("hourly", connection)],
         args=[token, time.time(), cap, WOKEN_SLOT_HOLD, "" if dropped is None else str(dropped),
               recount[0], math.floor(recount[1] / width), math.ceil(61 * width * 1000)])
+    return [int(w) for w in woken]
+
+
+@_guard([])
+def wait_for_slot(connection: str, job: int, cap: int | None = None) -> list[int]:
+    """Job `job`, refused a slot ("full") and deferred (its row says retrying), joins the
+    connection's waiting set; a job that asks again keeps its place. Returns the ids of the
+    waiting jobs (this one, possibly) handed a slot that freed meanwhile: the caller wakes
+    them, as after a release. Called only once the deferral is written, so a release that
+    wakes the job finds it waiting, never still running."""
+    client = _redis()
+    if client is None:
+        return []
+    cap = max_inflight() if cap is None else cap
+    woken = client._pswb_scripts[3](keys=[_key("inflight", connection), _key("waiting", connection)],
+                                    args=[str(job), time.time(), cap, WOKEN_SLOT_HOLD, WAITING_TTL_MS])
     return [int(w) for w in woken]
 
 
@@ -378,8 +393,8 @@ def counting_against(connection: str | None, calls: int = 1, *, token: str | Non
     when another execution may take the job over); leaving the block gives it back. `cap`
     overrides PSA_MAX_INFLIGHT_PER_CONNECTION for this connection (inflight_cap); `hourly`
     is its PSA's (budget, slowdown from) calls per rolling hour (hourly_limits). With the
-    `job` id, a job over the cap waits in the connection's waiting set, and the yielded
-    Slot's `woken` names the waiting jobs this block's release handed a slot to. With
+    `job` id, a slot a release kept for that job is its own, and the yielded Slot's `woken`
+    names the waiting jobs this block's release handed a slot to. With
     `recount` (the runner's jobs), leaving the block corrects the hourly window from the
     calls expected to the calls made."""
     previous = getattr(_local, "block", None)

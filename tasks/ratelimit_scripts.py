@@ -5,10 +5,9 @@ hourly window change together, and a job's admission to all of them is one round
 # KEYS[1] cooldown, KEYS[2] bucket, KEYS[3] in-flight set, KEYS[4] hourly counts, KEYS[5] waiting
 # jobs; ARGV rate/s, burst, now (s), longest wait (s), tokens, in-flight cap, job token ('' = no cap
 # check), seconds a slot is held at most, hourly budget (0 = none), calls from which to slow down,
-# window (s), alert threshold (s), job id ('' = none), ms the waiting set outlives its newest job.
-# One round trip per job. Returns {kind, ms, announce, calls in the window}:
-# kind 1 while cooling down, 2 when the connection has `cap` jobs in flight (the job id joins
-# the waiting set, keeping its place if it was there already), 3 at its hourly
+# window (s), alert threshold (s), job id ('' = none). One round trip per job. Returns {kind, ms,
+# announce, calls in the window}: kind 1 while cooling down, 2 when the connection has `cap`
+# jobs in flight (the caller defers the job, then registers it with WAIT), 3 at its hourly
 # budget (ms: until enough of the window's oldest minutes fall out), 4 in the slowdown band
 # before it (ms: until the band's pace allows the next job), else 0 (ms to wait for the
 # tokens; 0: taken; rate 0: off); a job that will wait no longer than ARGV[4] is admitted,
@@ -27,10 +26,6 @@ if capped then
   -- a job woken by a release (RELEASE) finds its slot kept for it ('w:' .. job id)
   if redis.call('ZSCORE', KEYS[3], token) == false and (job == '' or redis.call('ZSCORE', KEYS[3], 'w:' .. job) == false)
      and redis.call('ZCARD', KEYS[3]) >= cap then
-    if job ~= '' then
-      redis.call('ZADD', KEYS[5], 'NX', now, job)
-      redis.call('PEXPIRE', KEYS[5], tonumber(ARGV[14]))
-    end
     return {2, 0, 0, 0}
   end
 end
@@ -127,22 +122,11 @@ local made_long = 0
 if left <= tonumber(ARGV[2]) and ms > tonumber(ARGV[2]) then made_long = 1 end
 return {math.max(left, ms), made_long}
 """
-# KEYS[1] in-flight set, KEYS[2] waiting jobs, KEYS[3] hourly counts; ARGV job token, now (s),
-# in-flight cap, seconds a slot is kept for a woken job, job id whose kept slot to drop ('' =
-# none), hourly recount (calls made - calls charged), the minute they were charged to, ms the
-# counts outlive it. Corrects the hourly window, gives the job's slot back, then hands every free
-# slot to the oldest waiting jobs: each gets a slot kept under 'w:' .. id until its wake-up
-# message comes (or the hold runs out). Returns their ids, oldest first; the caller makes them
-# due and publishes them (runner._wake).
-RELEASE = """
-local recount = tonumber(ARGV[6])
--- a credit (fewer calls than charged) only to a minute still counted, never a negative one
-if recount > 0 or (recount < 0 and redis.call('HEXISTS', KEYS[3], ARGV[7]) == 1) then
-  redis.call('HINCRBY', KEYS[3], ARGV[7], recount)
-  if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[8]) then redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[8])) end
-end
-redis.call('ZREM', KEYS[1], ARGV[1])
-if ARGV[5] ~= '' then redis.call('ZREM', KEYS[1], 'w:' .. ARGV[5]) end
+# Hands every free slot of KEYS[1] (in-flight set; cap ARGV[3], now ARGV[2]) to the oldest jobs
+# of KEYS[2] (waiting set): each gets a slot kept under 'w:' .. id for ARGV[4] seconds, until its
+# wake-up message comes. Returns their ids, oldest first: the caller makes them due and publishes
+# them (runner._wake).
+_HAND_ON = """
 local now, cap = tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local free = cap - redis.call('ZCARD', KEYS[1])
@@ -159,3 +143,28 @@ if #ids > 0 then
 end
 return ids
 """
+# KEYS[1] in-flight set, KEYS[2] waiting jobs, KEYS[3] hourly counts; ARGV job token, now (s),
+# in-flight cap, seconds a slot is kept for a woken job, job id whose kept slot to drop ('' =
+# none), hourly recount (calls made - calls charged), the minute they were charged to, ms the
+# counts outlive it. Corrects the hourly window, gives the job's slot back, then hands every
+# free slot on (_HAND_ON).
+RELEASE = """
+local recount = tonumber(ARGV[6])
+-- a credit (fewer calls than charged) only to a minute still counted, never a negative one
+if recount > 0 or (recount < 0 and redis.call('HEXISTS', KEYS[3], ARGV[7]) == 1) then
+  redis.call('HINCRBY', KEYS[3], ARGV[7], recount)
+  if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[8]) then redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[8])) end
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if ARGV[5] ~= '' then redis.call('ZREM', KEYS[1], 'w:' .. ARGV[5]) end
+""" + _HAND_ON
+# KEYS[1] in-flight set, KEYS[2] waiting jobs; ARGV job id, now (s), in-flight cap, seconds a slot
+# is kept for a woken job, ms the waiting set outlives its newest job. A job refused a slot
+# (GATE's kind 2) joins the waiting set once its row says it is waiting (keeping its place if it
+# was there already), then every free slot is handed on: one may have freed since the refusal,
+# and its release found nobody waiting. Registering after the row is written is what keeps a
+# wake-up from ever finding the job still running (and dropping it).
+WAIT = """
+redis.call('ZADD', KEYS[2], 'NX', tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[5]))
+""" + _HAND_ON

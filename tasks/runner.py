@@ -119,7 +119,7 @@ def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
     # A PSA's own concurrency limit (Autotask: 3 requests at once) caps its jobs too, and
     # its calls per rolling hour (Autotask: 10,000, shared with the tenant's other integrations).
     vendor = REGISTRY.get(job.provider or "")
-    cap = ratelimit.inflight_cap(getattr(vendor, "max_concurrent_requests", None))
+    cap = job.scratch["cap"] = ratelimit.inflight_cap(getattr(vendor, "max_concurrent_requests", None))
     hourly = ratelimit.hourly_limits(job.provider or "", getattr(vendor, "hourly_call_limit", None))
     slot = ratelimit.Slot()
     _running.job = job
@@ -302,10 +302,12 @@ def _defer(job: ClaimedJob, err: PsaError, step: str) -> Outcome:
     # A cooldown's length was alerted on by the job whose 429 started it (see _psa_error), an
     # hourly pause's by the one job Redis named to announce it.
     if isinstance(err, ratelimit.InflightCapReached):
-        # In the connection's waiting set: a job leaving wakes it with a message of its own.
-        # A countdown message too would be a second one (and a stale one re-arms itself on
-        # every "not due" refusal), so none is sent; the row's recheck is the safety net,
-        # not a wait the PSA imposes (no long_deferral alert).
+        # Into the connection's waiting set, now that the row says retrying: a job leaving
+        # wakes it with a message of its own. A countdown message too would be a second one
+        # (and a stale one re-arms itself on every "not due" refusal), so none is sent; the
+        # row's recheck is the safety net, not a wait the PSA imposes (no long_deferral alert).
+        limited = job.scratch["limit_key"]
+        _wake(limited, ratelimit.wait_for_slot(limited, job.id, job.scratch["cap"]), job.scratch["cap"])
         return Outcome(job.id, "waiting", str(err), delay=delay)
     announced = getattr(err, "announce", True)
     if not getattr(err, "cooling_down", False) and announced and delay > ratelimit.long_deferral_after():

@@ -38,9 +38,11 @@ def test_jobs_over_the_cap_wait_oldest_first_and_a_release_hands_its_slot_to_the
     for block in running:
         slots.append(block.__enter__())
         ratelimit.gate("connectwise", "list_notes")
-    # when jobs 3, 4 and 5 ask, in that order, and 3 asks again later
+    # when jobs 3, 4 and 5 are refused, in that order, and wait (the runner registers a job
+    # once its deferral is written); and 3 is refused again later
     for n in (3, 4, 5, 3):
         assert ratelimit.admit(key, 5, f"t{n}", 60, cap=2, job=n)[0] == "full"
+        assert ratelimit.wait_for_slot(key, n, 2) == []
     # then they wait in that order: asking again keeps a job's place
     assert _waiting(key) == ["3", "4", "5"]
     # when job 2 leaves
@@ -49,6 +51,7 @@ def test_jobs_over_the_cap_wait_oldest_first_and_a_release_hands_its_slot_to_the
     assert slots[1].woken == [3]
     assert _slots(key) == {"t1", "w:3"}
     assert ratelimit.admit(key, 5, "t6", 60, cap=2, job=6)[0] == "full"
+    assert ratelimit.wait_for_slot(key, 6, 2) == []
     assert _waiting(key) == ["4", "5", "6"]
     # and job 3, woken, takes the slot kept for it
     assert ratelimit.admit(key, 5, "t3", 60, cap=2, job=3)[0] == "go"
@@ -69,6 +72,7 @@ def test_a_release_fills_every_free_slot_and_a_kept_slot_nobody_takes_frees_itse
     assert ratelimit.admit(key, 1, "dead-b", 0.2, cap=3)[0] == "go"
     for n in (7, 8, 9):
         assert ratelimit.admit(key, 1, f"t{n}", 60, cap=3, job=n)[0] == "full"
+        assert ratelimit.wait_for_slot(key, n, 3) == []
     time.sleep(0.25)  # the dead holders' leases run out
     # when job 1 leaves, all three slots go to the three oldest waiting jobs
     assert ratelimit.release(key, "t1", 3) == [7, 8, 9]
@@ -95,6 +99,7 @@ def test_the_waker_makes_the_woken_job_due_and_hands_a_finished_jobs_slot_on(db_
     assert ratelimit.admit(key, 1, "holder", 60, cap=1, job=1)[0] == "go"
     for n in (finished, waiting):
         assert ratelimit.admit(key, 1, f"t{n}", 60, cap=1, job=n)[0] == "full"
+        assert ratelimit.wait_for_slot(key, n, 1) == []
     published: list[tuple] = []
     # (tasks.enqueue the module: the package's `enqueue` attribute is the function)
     monkeypatch.setattr(sys.modules["tasks.enqueue"], "publish", lambda *a, **kw: published.append((a, kw)) or True)
@@ -111,12 +116,29 @@ def test_the_waker_makes_the_woken_job_due_and_hands_a_finished_jobs_slot_on(db_
     assert job(finished).state == "succeeded"
 
 
+def test_a_slot_freed_between_the_refusal_and_the_wait_goes_to_the_oldest_waiting_job(limiter_keys):
+    key = limiter_keys()
+    # given job 1 holding the only slot, and job 2 waiting already
+    assert ratelimit.admit(key, 1, "t1", 60, cap=1, job=1)[0] == "go"
+    assert ratelimit.admit(key, 1, "t2", 60, cap=1, job=2)[0] == "full"
+    assert ratelimit.wait_for_slot(key, 2, 1) == []
+    # when job 3 is refused, and job 1 leaves before 3's deferral is written (its release
+    # hands the slot to 2; then 2's kept slot is given up: it finished some other way)
+    assert ratelimit.admit(key, 1, "t3", 60, cap=1, job=3)[0] == "full"
+    assert ratelimit.release(key, "t1", 1) == [2]
+    assert ratelimit.release(key, "", 1, dropped=2) == []  # nobody waits yet: the slot is free
+    # then job 3, registering, is handed the free slot at once: nobody is left waiting for a
+    # release that already happened
+    assert ratelimit.wait_for_slot(key, 3, 1) == [3]
+    assert _slots(key) == {"w:3"} and _waiting(key) == []
+
+
 def test_without_redis_nothing_waits(monkeypatch):
     monkeypatch.setenv("RATE_LIMIT_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
     monkeypatch.setattr(ratelimit, "_failed_at", 0.0)
     try:
         assert ratelimit.admit("any", 1, "t", 60, cap=1, job=1) == ("go", 0.0)
-        assert ratelimit.release("any", "t", 1) == []
+        assert ratelimit.release("any", "t", 1) == [] and ratelimit.wait_for_slot("any", 1, 1) == []
     finally:
         monkeypatch.setattr(ratelimit, "_failed_at", 0.0)
 
