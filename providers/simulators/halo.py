@@ -39,6 +39,8 @@ class HaloState(SimState):
     auth_url: str | None = None  # what /api/authinfo names (None: this server's /auth)
     tokens: dict[str, float] = field(default_factory=dict)  # token -> monotonic expiry
     boards: dict[int, dict[int, tuple[str, bool]]] = field(default_factory=lambda: {0: dict(TENANT_STATUSES)})
+    # Some Halo versions leave status_name out of a ticket: the provider reads the status list
+    omit_status_name: bool = False
 
     def add_ticket(self, ticket_id: int, *, board_id: int = 0, status_id: int = 1,
                    reject_status_changes: bool = False) -> None:
@@ -151,8 +153,11 @@ def _route(method: str, path: str) -> tuple[str, int | None] | None:
 def _ticket_json(st: HaloState, ticket: dict[str, Any], status_id: int | None = None) -> dict[str, Any]:
     sid = ticket["status_id"] if status_id is None else status_id
     name, closed = st.boards[0].get(sid, ("?", False))
-    return {"id": ticket["id"], "summary": f"Ticket {ticket['id']}", "status_id": sid, "status_name": name,
+    body = {"id": ticket["id"], "summary": f"Ticket {ticket['id']}", "status_id": sid, "status_name": name,
             "hasbeenclosed": closed, "tickettype_id": 1, "client_id": 12}
+    if st.omit_status_name:
+        del body["status_name"]
+    return body
 
 
 def _update(st: HaloState, ticket: dict[str, Any], body: Any) -> Reply:

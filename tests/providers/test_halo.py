@@ -146,6 +146,25 @@ def test_notes_after_the_watermark_are_read_across_pages_oldest_first(halosim):
     assert [n.text for n in halo.list_recent_notes(1, 2)] == ["note 249", "note 248"]
 
 
+def test_a_ticket_without_its_status_name_is_named_from_the_status_list_and_a_429_there_is_raised(halosim):
+    # given a Halo that leaves status_name out, whose status list answers 429 once
+    halosim.state.omit_status_name = True
+    halosim.state.add_fault(action="error", status=429, retry_after=4, operation="list_statuses", times=1)
+    halo = _provider(halosim)
+    # then the ticket read says so (the runner starts the connection's cooldown), not a
+    # nameless ticket read again at once
+    with pytest.raises(E.PsaRateLimited):
+        halo.get_ticket(1)
+    # and afterwards the name comes from the tenant's list
+    assert halo.get_ticket(1).status_name == "New"
+    # while a list the API user may not read is asked for once, not on every read
+    PICKLISTS.clear()
+    halosim.state.add_fault(action="error", status=403, operation="list_statuses", times=-1)
+    calls = halosim.state.calls["list_statuses"]
+    assert [halo.get_ticket(1).status_name for _ in range(3)] == [None] * 3
+    assert halosim.state.calls["list_statuses"] == calls + 1
+
+
 def test_statuses_come_from_the_tenant(halosim):
     statuses = {s.id: (s.name, s.closed) for s in _provider(halosim).list_statuses(0)}
     assert statuses[22] == ("Escalated to 2nd Line", False) and statuses[9] == ("Closed", True)
