@@ -4,6 +4,9 @@ import os
 
 from celery import Celery
 
+from worker.broker_client import reuse_channel_clients
+
+reuse_channel_clients()  # one Redis client per kombu channel, not one per ack or event flush
 app = Celery("psa_writeback", task_cls="worker.taskbase:Task")  # database errors leave tasks without their text
 app.config_from_object("celeryconfig")
 # Modules whose tasks this worker serves (one per line: helpers add theirs).
