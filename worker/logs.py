@@ -135,12 +135,17 @@ def format_exception(exc: BaseException | None) -> str:
 
 def _pair(name: str, value: Any) -> str:
     # A value that is not a plain token (a vendor's note id with spaces, say) is quoted, so
-    # it cannot add pairs of its own (` account_id=2`).
+    # it cannot add pairs of its own (` account_id=2`). An int's text always is one (most
+    # pairs are ids: no pattern match for them).
+    if type(value) is int:
+        return f"{name}={value}"
     text = str(value)
     return f"{name}={text}" if _TOKEN.fullmatch(text) else f"{name}={json.dumps(text)}"
 
 
 _TOKEN = re.compile(r"[\w.:/@+,-]*")
+# The ` | key=value` suffix's fields, in their order (the task's name is in Celery's text).
+_SUFFIX_FIELDS = tuple(n for n in CONTEXT_FIELDS + EXTRA_FIELDS if n != "task_name")
 
 
 class JsonFormatter(logging.Formatter):
@@ -178,8 +183,7 @@ class ContextSuffixFormatter(logging.Formatter):
             if record.exc_info:
                 line.exc_text = format_exception(record.exc_info[1])
         text = self.inner.format(line)
-        pairs = [_pair(n, getattr(record, n)) for n in CONTEXT_FIELDS + EXTRA_FIELDS
-                 if getattr(record, n, None) is not None and n != "task_name"]
+        pairs = [_pair(n, v) for n in _SUFFIX_FIELDS if (v := getattr(record, n, None)) is not None]
         if not pairs:
             return text
         head, sep, tail = text.partition("\n")  # keep a traceback below the line it belongs to
