@@ -121,8 +121,8 @@ def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
         vendor = REGISTRY.get(job.provider or "")
         cap = ratelimit.inflight_cap(getattr(vendor, "max_concurrent_requests", None))
         hourly = ratelimit.hourly_limits(job.provider or "", getattr(vendor, "hourly_call_limit", None))
-        with ratelimit.counting_against(limited, calls=max(calls, 1), token=job.token, hold=store.lease_seconds(),
-                                        cap=cap, hourly=hourly):
+        with ratelimit.counting_against(limited, calls=max(calls, 1), token=job.token,
+                                        hold=store.job_lease_seconds(job), cap=cap, hourly=hourly):
             return _run_calls(job, policy)
     finally:
         _running.job = None

@@ -52,7 +52,8 @@ def min_lease_seconds() -> float:
     the call deadline bounds (connect and every read, however slowly a server dribbles;
     default connect + read timeout), plus a read timeout as grace for a server still
     working on it, plus a second for the deadline watchdog's tick."""
-    return call_deadline() + timeouts()[1] + 1
+    limits = timeouts()
+    return call_deadline(limits) + limits[1] + 1
 
 
 def lease_seconds() -> float:
@@ -241,7 +242,8 @@ def claim(job_id: int | None, token: str, task_id: str | None, worker: str | Non
             job_id = create(_conn(db))
         # after create(): the new row's next_attempt_at is its insert time, which must be due
         now = utcnow()
-        lease = now + dt.timedelta(seconds=lease_seconds())
+        seconds = lease_seconds()
+        lease = now + dt.timedelta(seconds=seconds)
         if postgres:
             found = _conn(db).exec_driver_sql(_claim_sql(durable=create is not None), {
                 "id": job_id, "token": token, "lease": lease, "now": now, "kind": kind, "due": now + DUE_TOLERANCE,
@@ -254,7 +256,7 @@ def claim(job_id: int | None, token: str, task_id: str | None, worker: str | Non
             if row is not None and row.claimed_by == token and row.state == JobState.RUNNING.value:
                 # db_retry ran us again after our commit landed but its reply was lost: the
                 # claim (and its attempt row) is ours already; do not count a second attempt.
-                return _snapshot(row, token)
+                return _snapshot(row, token, lease=seconds)
             return _refusal(row, job_id, now, kind)
         if row.attempts > 1:
             # An execution that died mid-attempt never wrote its outcome: say so in the history.
@@ -263,7 +265,7 @@ def claim(job_id: int | None, token: str, task_id: str | None, worker: str | Non
                                                       WritebackAttempt.outcome == AttemptOutcome.RUNNING.value)
                        .values(outcome=AttemptOutcome.ABANDONED.value, finished_at=now,
                                error_message="the execution stopped without recording an outcome (worker lost?)"))
-        return _snapshot(row, token, started_at=now)
+        return _snapshot(row, token, started_at=now, lease=seconds)
 
 
 class _Row(dict):
@@ -349,7 +351,7 @@ def credentials_for(connection_id: int, c_id: int | None, c_active: bool | None,
     return Credentials(base_url, company_id, client_id, public, private), None
 
 
-def _snapshot(row: Any, token: str, started_at: dt.datetime | None = None) -> ClaimedJob:
+def _snapshot(row: Any, token: str, started_at: dt.datetime | None = None, lease: float | None = None) -> ClaimedJob:
     creds, setup_error = None, None
     if row.psa_connection_id is not None:
         creds, setup_error = credentials_for(row.psa_connection_id, row.c_id, row.c_active, row.c_base_url,
@@ -366,7 +368,15 @@ def _snapshot(row: Any, token: str, started_at: dt.datetime | None = None) -> Cl
                      deferrals=row.deferrals or 0,
                      options=admin.options_from(row.preferences, row.provider))
     job.scratch["lease_renewed"] = time.monotonic()
+    if lease is not None:
+        job.scratch["lease_seconds"] = lease
     return job
+
+
+def job_lease_seconds(job: ClaimedJob) -> float:
+    """The lease this execution was claimed with (lease_seconds() then): its renewals and its
+    rate-limiter slot use the same length, without reading the settings again each time."""
+    return job.scratch.get("lease_seconds") or lease_seconds()
 
 
 def _refusal(job: Any, job_id: int, now: dt.datetime, kind: str | None) -> ClaimRefusal:
@@ -457,7 +467,7 @@ def _not_owned(db: DB, job: ClaimedJob, done_state: str | None) -> bool:
 def renew_lease(job: ClaimedJob) -> None:
     """Called before each step: the lease counts from the start of the step's PSA calls."""
     with transaction() as db:
-        _guarded(db, job, lease_until=utcnow() + dt.timedelta(seconds=lease_seconds()))
+        _guarded(db, job, lease_until=utcnow() + dt.timedelta(seconds=job_lease_seconds(job)))
     job.scratch["lease_renewed"] = time.monotonic()
 
 
@@ -466,7 +476,7 @@ def renew_lease_if_aged(job: ClaimedJob) -> bool:
     lease: the step then still has at least 90 % of a lease, and a job whose note went out
     a moment ago saves a transaction. Returns whether it wrote."""
     renewed = job.scratch.get("lease_renewed")
-    if renewed is not None and time.monotonic() - renewed < 0.1 * lease_seconds():
+    if renewed is not None and time.monotonic() - renewed < 0.1 * job_lease_seconds(job):
         return False
     renew_lease(job)
     return True
@@ -480,7 +490,7 @@ def record_note_intent(job: ClaimedJob, baseline_ids: list[str], watermark_id: s
     with transaction() as db:  # synchronous commit: this one must be on disk before the POST
         _guarded(db, job, note_state=NoteState.INTENT.value, note_baseline_ids=baseline_ids,
                  note_watermark_id=watermark_id,
-                 lease_until=utcnow() + dt.timedelta(seconds=lease_seconds()))
+                 lease_until=utcnow() + dt.timedelta(seconds=job_lease_seconds(job)))
     job.scratch["lease_renewed"] = time.monotonic()
 
 
