@@ -48,6 +48,22 @@ _SECRET = re.compile(r"(?i)\b(basic|bearer)\s+[A-Za-z0-9+/=._~-]{8,}"
                      r"(?:(?:basic|bearer)\s+)?[^\s'\",}]+")
 
 
+# Every match of _SECRET contains one of these words (its literal alternatives).
+_SECRET_WORDS = ("basic", "bearer", "key", "password", "secret", "authorization")
+
+
+def may_hold_secret(text: str) -> bool:
+    """False only if _SECRET cannot match `text`: no match lacks one of _SECRET_WORDS, and in
+    ASCII text the pattern's case-insensitive matching is ASCII's, which a lower-case copy
+    shows. Any other text is left to the pattern (its case-insensitive matching also pairs
+    letters like `s` with non-ASCII ones). The pattern costs ~20 us on a typical line; this
+    check about 1, and almost no line names any of the words."""
+    if not text.isascii():
+        return True
+    low = text.lower()
+    return any(word in low for word in _SECRET_WORDS)
+
+
 def bind(**values: Any) -> None:
     """Add fields to this thread's log context (None values are ignored)."""
     current = dict(_context.get() or {})
@@ -89,7 +105,7 @@ class ContextFilter(logging.Filter):
             if getattr(record, name, None) is None and ctx.get(name) is not None:
                 setattr(record, name, ctx[name])
         message = record.getMessage()
-        if _SECRET.search(message):
+        if may_hold_secret(message) and _SECRET.search(message):
             record.msg, record.args = scrub(message), None
         return True
 
