@@ -53,11 +53,12 @@ def timeouts() -> tuple[float, float]:
     return (float(os.environ.get("PSA_CONNECT_TIMEOUT", "5")), float(os.environ.get("PSA_READ_TIMEOUT", "30")))
 
 
-def call_deadline() -> float:
-    """Wall-clock seconds one call may take, connect and every read included. tasks.store
-    sizes the job lease from it, so a call always ends inside its lease."""
+def call_deadline(limits: tuple[float, float] | None = None) -> float:
+    """Wall-clock seconds one call may take, connect and every read included (`limits`: the
+    timeouts() already read, if any). tasks.store sizes the job lease from it, so a call
+    always ends inside its lease."""
     raw = os.environ.get("PSA_CALL_DEADLINE_SECONDS")
-    return float(raw) if raw else sum(timeouts())
+    return float(raw) if raw else sum(limits or timeouts())
 
 
 def max_response_bytes() -> int:
@@ -175,12 +176,13 @@ def call(session: requests.Session, method: str, url: str, *, provider: str, ope
     started = time.monotonic()
     status: int | None = None
     error: str | None = None
-    budget = transport.start_budget(call_deadline())
+    limits = timeouts()  # read once per call: the socket timeouts and the deadline both come from them
+    budget = transport.start_budget(call_deadline(limits))
     try:
         try:
             if session.proxies:
                 netguard.check_proxied_url(url)
-            status, reply_headers, body = _exchange(session, method, url, budget, provider, headers=headers,
+            status, reply_headers, body = _exchange(session, method, url, budget, provider, limits, headers=headers,
                                                     json=json, params=params, data=data)
         except PsaError as err:
             err.operation = err.operation or operation
@@ -217,10 +219,10 @@ def call(session: requests.Session, method: str, url: str, *, provider: str, ope
 
 
 def _exchange(session: requests.Session, method: str, url: str, budget: transport.Budget, provider: str,
-              **kwargs: Any) -> tuple[int, Any, Any]:
+              limits: tuple[float, float], **kwargs: Any) -> tuple[int, Any, Any]:
     """(status, headers, parsed body) of one request, the body read under the size cap and
     the deadline. The connection is closed, not pooled, when a read is cut short."""
-    resp = _send(session, method, url, **kwargs)
+    resp = _send(session, method, url, timeout=limits, **kwargs)
     try:
         if 300 <= resp.status_code < 400:
             return resp.status_code, resp.headers, None  # refused unread
@@ -230,7 +232,8 @@ def _exchange(session: requests.Session, method: str, url: str, budget: transpor
 
 
 def _send(session: requests.Session, method: str, url: str, *, headers: dict[str, str], json: Any = None,
-          params: dict[str, Any] | None = None, data: Any = None) -> requests.Response:
+          params: dict[str, Any] | None = None, data: Any = None,
+          timeout: tuple[float, float] | None = None) -> requests.Response:
     """One request through the session's adapter (its pools, address checks and proxies),
     streamed and never redirected.
 
@@ -242,8 +245,8 @@ def _send(session: requests.Session, method: str, url: str, *, headers: dict[str
     merged.update(headers)
     prepared = requests.PreparedRequest()
     prepared.prepare(method=method, url=url, headers=merged, data=data, params=params, json=json)
-    return session.get_adapter(prepared.url).send(prepared, stream=True, timeout=timeouts(), verify=session.verify,
-                                                  cert=None, proxies=session.proxies)
+    return session.get_adapter(prepared.url).send(prepared, stream=True, timeout=timeout or timeouts(),
+                                                  verify=session.verify, cert=None, proxies=session.proxies)
 
 
 def _read_capped(resp: requests.Response, budget: transport.Budget, provider: str) -> bytes:

@@ -124,8 +124,9 @@ def _run(job: ClaimedJob, policy: RetryPolicy) -> Outcome:
     slot = ratelimit.Slot()
     _running.job = job
     try:
-        with ratelimit.counting_against(limited, calls=max(calls, 1), token=job.token, hold=store.lease_seconds(),
-                                        cap=cap, hourly=hourly, job=job.id, recount=True) as slot:
+        with ratelimit.counting_against(limited, calls=max(calls, 1), token=job.token,
+                                        hold=store.job_lease_seconds(job), cap=cap, hourly=hourly, job=job.id,
+                                        recount=True) as slot:
             return _run_calls(job, policy)
     finally:
         _running.job = None

@@ -29,10 +29,9 @@ How a note is recognised, and why:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_fixed
 
 from models.enums import NoteState, NoteVisibility
 from providers.base import PostedNote, Provider, Ticket
@@ -129,11 +128,14 @@ def transition_and_verify(provider: Provider, ticket_id: int, target: int) -> Tr
     if patched:
         provider.update_status(ticket_id, target)
     reads, interval = verify_reads()
-    # Re-read until it shows; when the reads run out, keep the last ticket we saw.
-    rereads = Retrying(stop=stop_after_attempt(max(reads, 1)), wait=wait_fixed(interval),
-                       retry=retry_if_result(lambda t: t.status_id != target),
-                       retry_error_callback=lambda state: state.outcome.result())
-    observed = rereads(provider.get_ticket, ticket_id)
+    # Re-read until it shows; when the reads run out, keep the last ticket we saw. An error
+    # from a read ends the step at once (the job's retry policy decides what follows).
+    observed = provider.get_ticket(ticket_id)
+    for _ in range(max(reads, 1) - 1):
+        if observed.status_id == target:
+            break
+        time.sleep(interval)
+        observed = provider.get_ticket(ticket_id)
     verified = observed.status_id == target
     expected_name = observed.status_name if verified else _status_name(provider, observed.board_id, target)
     return TransitionResult(verified, patched, target, expected_name, observed)

@@ -66,3 +66,21 @@ def test_a_line_about_the_tasks_own_job_takes_the_context_without_a_lookup(resol
     logs.ContextFilter().filter(record)
     assert resolver == []
     assert (record.account_id, record.provider, record.ticket_id) == (33, "autotask", 333)
+
+
+@pytest.mark.parametrize("text", [
+    "Authorization: Basic c2ltY286cHJpdmF0ZQ==", "AUTHORIZATION: BEARER abcdefghijkl", "private_key=abc",
+    "PublicKey: 'xyz'", "password = hunter2", 'secret": "s3"', "sent BaSiC Zm9vYmFyYmF6", "status PATCH answered 200",
+    "job 12 succeeded (verified) after 1 attempt(s)", "\u017fecret=x", "authorizat\u0131on: token-123",
+    "private_\u212aey=abc", "key", "no words here \u00e9",
+])
+def test_the_quick_secret_check_never_misses_what_the_pattern_finds(text):
+    # may_hold_secret only skips the pattern where it cannot match
+    if logs._SECRET.search(text):
+        assert logs.may_hold_secret(text), text
+
+
+def test_a_line_with_a_secret_is_still_scrubbed():
+    record = logging.LogRecord("psa_writeback.test", logging.INFO, __file__, 1, "sent %s", ("password=hunter2",), None)
+    logs.ContextFilter().filter(record)
+    assert "hunter2" not in record.getMessage() and "[redacted]" in record.getMessage()
