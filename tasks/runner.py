@@ -296,13 +296,14 @@ def _defer(job: ClaimedJob, err: PsaError, step: str) -> Outcome:
     wait = err.retry_after if err.retry_after is not None else ratelimit.default_cooldown()
     spread = ratelimit.hourly_spread(job.deferrals) if isinstance(err, ratelimit.HourlyLimitNear) else 0.0
     delay = ratelimit.capped_wait(wait + spread) + random.uniform(0, 0.5)
-    store.schedule_retry(job, delay, err, None, step, spend_attempt=False)
+    waiting = isinstance(err, ratelimit.InflightCapReached)  # woken by a release: no message at `delay`
+    store.schedule_retry(job, delay, err, None, step, spend_attempt=False, message=not waiting)
     log.info("job %s deferred %.1fs: %s", job.id, delay, err.message, extra={"job_id": job.id, "step": step})
     events.emit("job_retry_scheduled", job_id=job.id, kind=job.kind, provider=job.provider,
                 attempt=job.attempt_no, delay=delay, error_type=type(err).__name__)
     # A cooldown's length was alerted on by the job whose 429 started it (see _psa_error), an
     # hourly pause's by the one job Redis named to announce it.
-    if isinstance(err, ratelimit.InflightCapReached):
+    if waiting:
         # Into the connection's waiting set, now that the row says retrying: a job leaving
         # wakes it with a message of its own. A countdown message too would be a second one
         # (and a stale one re-arms itself on every "not due" refusal), so none is sent; the

@@ -626,19 +626,22 @@ def _finish_portable(db: DB, job: ClaimedJob, state: JobState, outcome: AttemptO
 
 @db_retry
 def schedule_retry(job: ClaimedJob, delay: float, error: BaseException, http_status: int | None,
-                   step: str | None, *, spend_attempt: bool = True) -> dt.datetime:
+                   step: str | None, *, spend_attempt: bool = True, message: bool = True) -> dt.datetime:
     """Back to `retrying` at now + delay. spend_attempt=False (our own rate limiter said
     "not now") gives the attempt back by raising max_attempts: the row stays in the history,
     outcome "deferred" (which the next claim counts, so the backoff skips it too).
     (A literal, not `max_attempts + 1` in SQL: the row is fenced by our token, so the value
-    we claimed is current, and a literal keeps the write on _update's prebuilt-SQL path.)"""
+    we claimed is current, and a literal keeps the write on _update's prebuilt-SQL path.)
+    message=False: no message will come for it at `due` (a job waiting for an in-flight slot,
+    woken by a release): published_at is cleared, which tells the sweeper so."""
     now = utcnow()
     due = now + dt.timedelta(seconds=delay)
     note_job, note_session = _note_values(job)
     with transaction() as db:
         _relaxed(db)  # see _RELAXED: a lost retry schedule leaves the job on our lease
         if not _guarded(db, job, done_state=JobState.RETRYING.value, state=JobState.RETRYING.value,
-                        next_attempt_at=due, lease_until=None, published_at=due, **_error_columns(error),
+                        next_attempt_at=due, lease_until=None, published_at=due if message else None,
+                        **_error_columns(error),
                         **note_job, **({} if spend_attempt else {"max_attempts": job.max_attempts + 1})):
             return due
         if note_session:

@@ -11,7 +11,9 @@ queue looks exactly like a lost one. Re-publishing every such job each window du
 backlog (a burst, a catch-up after an outage) would double the queue every window, just
 when the workers are busiest. So while the writeback queue is not empty, a due job is
 only re-published once it has waited far longer (SWEEP_BACKLOG_REPUBLISH_AFTER_SECONDS);
-lease-expired running jobs are always taken (their message is not in the queue).
+lease-expired running jobs are always taken (their message is not in the queue), and so
+are due jobs that were never given a message to wait for (published_at empty: a job waiting
+for a PSA connection's in-flight slot, whose wake-up was lost), after the normal wait.
 """
 from __future__ import annotations
 
@@ -80,8 +82,12 @@ def find_lost(limit: int = 500, backlog: bool = False) -> list[tuple[int, str]]:
     J, other = WritebackJob, aliased(WritebackJob)
     earlier_live = exists().where(other.ticket_key == J.ticket_key, other.id < J.id,
                                   other.state.notin_([s.value for s in TERMINAL_STATES]))
-    due = and_(J.state.in_([s.value for s in CLAIMABLE_STATES]), J.next_attempt_at <= stale,
-               or_(J.published_at.is_(None), J.published_at <= stale), ~earlier_live)
+    # A job without published_at has no message anywhere (the queue's length says nothing about
+    # it); one with a message in a long queue waits for `stale`.
+    no_message = now - republish_after()
+    due = and_(J.state.in_([s.value for s in CLAIMABLE_STATES]), J.next_attempt_at <= no_message,
+               or_(J.published_at.is_(None), and_(J.next_attempt_at <= stale, J.published_at <= stale)),
+               ~earlier_live)
     not_recent = or_(J.published_at.is_(None), J.published_at <= now - republish_after())
     expired = and_(J.state == JobState.RUNNING.value, J.lease_until < now, not_recent)
     found: list[tuple[int, str]] = []

@@ -116,6 +116,24 @@ def test_while_the_queue_has_a_backlog_due_jobs_wait_longer_but_expired_leases_d
     assert sweeper.sweep()["found"] == 1 and sent == [expired, waiting]
 
 
+def test_a_due_job_that_was_never_given_a_message_is_taken_even_in_a_backlog(world, monkeypatch):
+    # given a job waiting for an in-flight slot (no message: a release wakes it) whose
+    # wake-up was lost, due 5 minutes ago, while the queue holds other tenants' messages
+    monkeypatch.setenv("SWEEP_REPUBLISH_AFTER_SECONDS", "120")
+    monkeypatch.delenv("SWEEP_BACKLOG_REPUBLISH_AFTER_SECONDS", raising=False)
+    lost = make_job(world.session(3220))
+    five_min_ago = utcnow() - dt.timedelta(minutes=5)
+    set_row(lost, state="retrying", published_at=None, next_attempt_at=five_min_ago)
+    just_due = make_job(world.session(3221))
+    set_row(just_due, state="retrying", published_at=None, next_attempt_at=utcnow() - dt.timedelta(seconds=30))
+    monkeypatch.setattr(sweeper, "queue_depth", lambda: 250)
+    sent = []
+    monkeypatch.setattr(ENQUEUE_MODULE, "publish", lambda job_id, kind, **_: sent.append(job_id) or True)
+    # then the sweeper takes it after the normal wait, not the backlog's 20 minutes (the stuck
+    # check would page for it first), and the one due 30 s ago not yet
+    assert sweeper.sweep()["found"] == 1 and sent == [lost]
+
+
 def test_queue_depth_counts_the_messages_waiting_in_the_broker():
     from tests import harness
     from tasks.enqueue import publish
