@@ -335,7 +335,7 @@ def release(connection: str, token: str, cap: int | None = None, *, dropped: int
     if client is None:
         return []
     cap = max_inflight() if cap is None else cap
-    width = hourly_window() / 60
+    width = hourly_window() / 60 if recount[0] else 60.0  # the minute only matters to a recount
     woken = client._pswb_scripts[2](
         keys=[_key("inflight", connection), _key("waiting", connection), _key("hourly", connection)],
         args=[token, time.time(), cap, WOKEN_SLOT_HOLD, "" if dropped is None else str(dropped),

@@ -23,6 +23,7 @@ from providers import REGISTRY, provider_for
 from providers.errors import PsaAuthError, PsaError, PsaRateLimited
 from providers.http import add_gate, add_observer
 from tasks import events, ratelimit, steps, store
+from tasks.enqueue import publish
 from tasks.errors import LeaseLost, WorkerLost
 from tasks.retry import RetryPolicy
 from tasks.store import ClaimedJob, ClaimRefusal
@@ -140,7 +141,8 @@ def _wake(limited: str, woken: list[int], cap: int) -> None:
     (finished, cancelled, or taken by the sweeper's re-publish meanwhile) hands its slot on.
     Nothing here may fail our own job, whose outcome is written: a wake-up that cannot be
     sent leaves the job to its recheck (PSA_INFLIGHT_RECHECK_SECONDS) and the sweeper."""
-    from tasks.enqueue import publish
+    if not woken:
+        return  # every job passes here: nothing waited for its slot
 
     pending, handed = list(woken), 0
     while pending and handed < 50:  # bounded: each pass pops at most the cap's free slots
@@ -301,8 +303,6 @@ def _defer(job: ClaimedJob, err: PsaError, step: str) -> Outcome:
     log.info("job %s deferred %.1fs: %s", job.id, delay, err.message, extra={"job_id": job.id, "step": step})
     events.emit("job_retry_scheduled", job_id=job.id, kind=job.kind, provider=job.provider,
                 attempt=job.attempt_no, delay=delay, error_type=type(err).__name__)
-    # A cooldown's length was alerted on by the job whose 429 started it (see _psa_error), an
-    # hourly pause's by the one job Redis named to announce it.
     if waiting:
         # Into the connection's waiting set, now that the row says retrying: a job leaving
         # wakes it with a message of its own. A countdown message too would be a second one
@@ -311,6 +311,8 @@ def _defer(job: ClaimedJob, err: PsaError, step: str) -> Outcome:
         limited = job.scratch["limit_key"]
         _wake(limited, ratelimit.wait_for_slot(limited, job.id, job.scratch["cap"]), job.scratch["cap"])
         return Outcome(job.id, "waiting", str(err), delay=delay)
+    # A cooldown's length was alerted on by the job whose 429 started it (see _psa_error), an
+    # hourly pause's by the one job Redis named to announce it.
     announced = getattr(err, "announce", True)
     if not getattr(err, "cooling_down", False) and announced and delay > ratelimit.long_deferral_after():
         _long_deferral(job, wait, delay, f"our own limiter deferred it: {err.message}")
