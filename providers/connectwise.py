@@ -24,7 +24,7 @@ from providers.base import BoardStatus, Credentials, PostedNote, Ticket
 from providers.errors import PsaProtocolError
 from providers.http import call, pooled_session
 from providers.text import NOTE_ID_LIMIT, STATUS_NAME_LIMIT, clean_line, clean_optional, clean_text
-from providers.values import parse_iso, to_int
+from providers.values import parse_iso, to_int, vendor_id
 
 API_VERSION = os.environ.get("CW_API_VERSION", "2025.16")
 TICKET_FIELDS = "id,status,closedFlag,board,_info"
@@ -111,17 +111,19 @@ class ConnectWiseProvider:
                           params={"pageSize": 1000})
         if not isinstance(body, list):
             raise PsaProtocolError("statuses reply was not a list", operation="list_statuses")
-        return [BoardStatus(id=int(s["id"]), name=clean_line(s.get("name", ""), STATUS_NAME_LIMIT),
-                            closed=bool(s.get("closedStatus")),
+        if not all(isinstance(s, dict) for s in body):
+            raise PsaProtocolError("statuses reply held a status that is not an object", operation="list_statuses")
+        return [BoardStatus(id=vendor_id(s.get("id"), "status", "list_statuses"),
+                            name=clean_line(s.get("name", ""), STATUS_NAME_LIMIT), closed=bool(s.get("closedStatus")),
                             inactive=bool(s.get("inactive"))) for s in body]
 
 
 def _ticket(body: Any) -> Ticket:
-    if not isinstance(body, dict) or "id" not in body:
+    if not isinstance(body, dict):
         raise PsaProtocolError("ticket reply had no id", operation="get_ticket")
     status = body.get("status") or {}
     board = body.get("board") or {}
-    return Ticket(id=int(body["id"]), status_id=to_int(status.get("id")),
+    return Ticket(id=vendor_id(body.get("id"), "ticket reply", "get_ticket"), status_id=to_int(status.get("id")),
                   status_name=clean_optional(status.get("name"), STATUS_NAME_LIMIT),
                   board_id=to_int(board.get("id")), closed=body.get("closedFlag"))
 

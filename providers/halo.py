@@ -166,14 +166,15 @@ class HaloProvider:
             rows = body.get("statuses", body.get("records")) if isinstance(body, dict) else body
             if not isinstance(rows, list):
                 raise PsaProtocolError("statuses reply was not a list", operation="list_statuses")
-            values = {int(s["id"]): (clean_line(s.get("name") or "", STATUS_NAME_LIMIT), not s.get("inactive", False))
-                      for s in rows if isinstance(s, dict) and to_int(s.get("id")) is not None}
+            values = {sid: (clean_line(s.get("name") or "", STATUS_NAME_LIMIT), not s.get("inactive", False))
+                      for s in rows if isinstance(s, dict) and (sid := to_int(s.get("id"))) is not None}
             return {"status": Picklist("Status", values)}
         return PICKLISTS.get(self._cache_key + "|Status", load, "status")
 
     def _ticket(self, body: Any) -> Ticket:
-        if not isinstance(body, dict) or to_int(body.get("id")) is None:
+        if not isinstance(body, dict):
             raise PsaProtocolError("ticket reply had no id", operation="get_ticket")
+        ticket_id = vendor_id(body.get("id"), "ticket reply", "get_ticket")
         status = to_int(body.get("status_id"))
         raw = body.get("status_name")
         name = clean_line(raw, STATUS_NAME_LIMIT) if isinstance(raw, str) else None
@@ -185,7 +186,7 @@ class HaloProvider:
             except E.PsaError:
                 name = None  # a courtesy: the id is what we verify
         closed = body.get("hasbeenclosed")
-        return Ticket(id=int(body["id"]), status_id=status, status_name=name, board_id=TENANT_BOARD,
+        return Ticket(id=ticket_id, status_id=status, status_name=name, board_id=TENANT_BOARD,
                       closed=bool(closed) if closed is not None else None)
 
     def _all_actions(self, ticket_id: int) -> list[PostedNote]:
@@ -226,15 +227,16 @@ E.register_mapping("halo", map_error)
 
 
 def _note(row: Any, discussion_outcome: str) -> PostedNote:
-    if not isinstance(row, dict) or to_int(row.get("id")) is None:
+    if not isinstance(row, dict):
         raise PsaProtocolError("action had no id", operation="list_notes")
+    action_id = vendor_id(row.get("id"), "action", "list_notes")
     if row.get("hiddenfromuser"):
         vis = NoteVisibility.INTERNAL
     elif str(row.get("outcome") or "") == discussion_outcome:
         vis = NoteVisibility.DISCUSSION
     else:
         vis = NoteVisibility.RESOLUTION
-    return PostedNote(id=str(to_int(row["id"])), text=clean_text(row.get("note") or ""), visibility=vis)
+    return PostedNote(id=str(action_id), text=clean_text(row.get("note") or ""), visibility=vis)
 
 
 def _closed(name: str) -> bool:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from providers.errors import PsaProtocolError
+
 
 def to_int(value: Any) -> int | None:
     # bool is an int in Python: a vendor's `true` is not id 1.
@@ -16,10 +18,8 @@ def to_int(value: Any) -> int | None:
 
 
 def vendor_id(value: Any, what: str, operation: str) -> int:
-    """An integer id in a PSA's reply (Autotask, Halo), or PsaProtocolError: a malformed id
-    is the PSA's fault, never our configuration's."""
-    from providers.errors import PsaProtocolError
-
+    """An integer id in a PSA's reply, or PsaProtocolError: a malformed id is the PSA's
+    fault, never our configuration's."""
     found = to_int(value)
     if found is None:
         raise PsaProtocolError(f"{what} had no integer id", operation=operation)

@@ -209,3 +209,15 @@ def test_the_simulator_can_give_one_tenants_path_its_own_latency(sim):
     assert timed_get("/tslow") >= 0.4
     assert timed_get("/tfast") < 0.3
     assert timed_get("/tslower") < 0.3
+
+
+def test_a_malformed_id_in_a_reply_is_the_psas_protocol_error_not_our_configuration(cw, sim):
+    # a reply the PSA got wrong must be retried as the PSA's fault, never fail the job as
+    # "configuration error" (ValueError) or crash as an internal error (TypeError)
+    for body in ({"id": "abc"}, {"id": None}, {"id": True}):
+        sim.state.add_fault(action="error", status=200, operation="get_ticket", body=body)
+        with pytest.raises(E.PsaProtocolError, match="no integer id"):
+            cw.get_ticket(1)
+    sim.state.add_fault(action="error", status=200, operation="list_statuses", body=[{"id": "x", "name": "New"}])
+    with pytest.raises(E.PsaProtocolError, match="no integer id"):
+        cw.list_statuses(1)
