@@ -45,6 +45,12 @@ class PsaTransientError(PsaError):
     kind = "transient"
 
 
+class PsaUnreachable(PsaTransientError):
+    """No connection to the PSA could be made (refused, unresolvable, connect timeout):
+    nothing was sent, so nothing can have been applied."""
+    kind = "unreachable"
+
+
 class PsaRateLimited(PsaTransientError):
     kind = "rate_limited"
 

@@ -17,10 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 import requests
+import urllib3
 from requests.structures import CaseInsensitiveDict
 
 from providers import netguard, transport
-from providers.errors import (PsaDeadlineExceeded, PsaError, PsaProtocolError, PsaRedirectRefused,
+from providers.errors import (PsaDeadlineExceeded, PsaError, PsaProtocolError, PsaRedirectRefused, PsaUnreachable,
                               PsaResponseTooLarge, PsaTransientError, from_response)
 
 CallHook = Callable[..., None]
@@ -287,8 +288,14 @@ def _deadline_error(budget: transport.Budget, provider: str, operation: str | No
 
 
 def _transport_error(err: requests.RequestException, provider: str, operation: str) -> PsaError:
+    if isinstance(err, requests.exceptions.ConnectTimeout):
+        return PsaUnreachable(f"timed out talking to {provider}", operation=operation)
     if isinstance(err, requests.Timeout):
         return PsaTransientError(f"timed out talking to {provider}", operation=operation)
     if isinstance(err, requests.exceptions.ContentDecodingError):
         return PsaProtocolError(f"reply from {provider} could not be decoded (bad compression)", operation=operation)
+    reason = getattr(err.args[0], "reason", None) if err.args else None
+    if isinstance(err, requests.ConnectionError) and isinstance(reason, urllib3.exceptions.NewConnectionError):
+        # refused or unresolvable (NameResolutionError is a NewConnectionError): never connected
+        return PsaUnreachable(f"connection to {provider} failed or was reset", operation=operation)
     return PsaTransientError(f"connection to {provider} failed or was reset", operation=operation)

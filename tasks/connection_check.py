@@ -91,6 +91,6 @@ def _cause(err: E.PsaError, provider: str, base_url: str, ticket_id: int | None)
     if isinstance(err, E.PsaNotFound):
         what = f"ticket {ticket_id} does not exist, or " if ticket_id is not None else ""
         return {"cause": "not_found", "message": f"{what}the base URL is wrong ({err})"}
-    if isinstance(err, E.PsaTransientError) and not isinstance(err, E.PsaProtocolError) and err.status_code is None:
+    if isinstance(err, E.PsaUnreachable):
         return {"cause": "unreachable", "message": f"could not reach {host} ({err})"}
     return {"cause": err.kind, "message": str(err)}

@@ -126,3 +126,16 @@ def test_the_simulator_command_runs_each_provider(provider):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_only_a_connection_that_was_never_made_is_called_unreachable():
+    from providers import errors as E
+    from tasks.connection_check import _cause
+
+    url = "https://psa.example.com/v4_6_release/apis/3.0"
+    slow = _cause(E.PsaDeadlineExceeded("no complete reply within 30s", operation="get_ticket"), "connectwise", url, 1)
+    waited = _cause(E.PsaTransientError("another thread's token request did not finish in time"), "halo", url, 1)
+    assert (slow["cause"], waited["cause"]) == ("deadline", "transient")  # the host answered, slowly
+    refused = _cause(E.PsaUnreachable("connection to connectwise failed or was reset"), "connectwise", url, 1)
+    assert refused == {"cause": "unreachable", "message": "could not reach psa.example.com (connection to "
+                                                          "connectwise failed or was reset)"}
