@@ -137,5 +137,5 @@ def test_only_a_connection_that_was_never_made_is_called_unreachable():
     waited = _cause(E.PsaTransientError("another thread's token request did not finish in time"), "halo", url, 1)
     assert (slow["cause"], waited["cause"]) == ("deadline", "transient")  # the host answered, slowly
     refused = _cause(E.PsaUnreachable("connection to connectwise failed or was reset"), "connectwise", url, 1)
-    assert refused == {"cause": "unreachable", "message": "could not reach psa.example.com (connection to "
+    assert refused == {"cause": "unreachable", "message": "could not reach psa.example.com (PSA call failed: connection to "
                                                           "connectwise failed or was reset)"}
