@@ -198,10 +198,10 @@ def lookup_zone(username: str, lookup_url: str = ZONE_LOOKUP_URL) -> tuple[str, 
 def map_error(status: int, body: Any, operation: str | None = None) -> E.PsaError | None:
     """Autotask answers a business-rule refusal with HTTP 500 and {"errors": [...]}: the
     same request will fail the same way, so it is permanent. A bare 500 stays transient.
-    The message is read (cleaned, cut) as every vendor message is (errors._vendor_message)."""
+    The message is read (cleaned, cut) as every vendor message is (errors.vendor_message)."""
     if status != 500 or not isinstance(body, dict) or not body.get("errors"):
         return None
-    message, code, _ = E._vendor_message(body)
+    message, code, _ = E.vendor_message(body)
     return E.PsaBusinessRuleError(message, status_code=status, vendor_code=code) if message else None
 
 

@@ -151,7 +151,7 @@ def from_response(status: int, body: Any, headers: Any = None, *, operation: str
     if special is not None:
         special.operation = special.operation or operation
         return special
-    message, code, field_errors = _vendor_message(body)
+    message, code, field_errors = vendor_message(body)
     kwargs = dict(status_code=status, vendor_code=code, operation=operation)
     if status == 429:
         return PsaRateLimited(message or "rate limited", retry_after=_retry_after(headers), **kwargs)
@@ -170,7 +170,7 @@ def from_response(status: int, body: Any, headers: Any = None, *, operation: str
     return PsaBadRequest(message or f"HTTP {status}", **kwargs)
 
 
-def _vendor_message(body: Any) -> tuple[str, str | None, list[dict[str, Any]]]:
+def vendor_message(body: Any) -> tuple[str, str | None, list[dict[str, Any]]]:
     """ConnectWise errors: {"code","message","errors":[{"code","message","field"}]}.
 
     Only a parsed JSON reply's own message is kept, cleaned of control characters and

@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from providers import REGISTRY
+from providers.text import clean_line
 from tasks.errors import RequestError
 from worker.safetext import one_line
 
@@ -154,6 +155,7 @@ def render(r: dict[str, Any]) -> str:
     lines += [f"  {s['id']:>6}  {one_line(s['name'])}{'  [closed]' if s['closed'] else ''}"
               f"{'  [inactive]' if s['inactive'] else ''}" for s in r["statuses"]]
     for t in r["targets"]:
-        lines.append(f"{t['key']} = {one_line(t['value'])}: "
+        # the account's stored value, whatever was stored: cut like a PSA's strings
+        lines.append(f"{t['key']} = {one_line(clean_line(str(t['value']), 60))}: "
                      + (f"exists ({one_line(t['name'])})" if t["reason"] is None else one_line(t["reason"])))
     return "\n".join(lines)
