@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             report[name] = {"jobs_per_s": round(result["jobs_per_s"], 1), "states": result["states"],
                             "cpu_ms_per_job": per_job(marks["before"], after, args.jobs)}
             if args.latency > 0:
-                bound = celeryconfig.worker_concurrency / (5 * args.latency)
+                bound = celeryconfig.worker_concurrency / (T.CALLS_PER_JOB * args.latency)
                 report[name]["ratio_to_thread_bound"] = round(result["jobs_per_s"] / bound, 2)
             if "reference" in report:
                 report[name]["ratio_to_reference"] = round(result["jobs_per_s"] / report["reference"]["jobs_per_s"], 2)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench import cpu as CPU  # noqa: E402
 from bench import tenants as TN  # noqa: E402
 from bench import throughput as T  # noqa: E402
 from tests import harness  # noqa: E402
@@ -50,8 +51,7 @@ def worker_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return CPU.cpu_seconds([pid])  # user + system, from /proc
 
 
 def job_rows(ids: list[int]) -> list:

@@ -227,8 +227,6 @@ _DEFERRALS_SQL = (f"SELECT count(*) FROM writeback_attempts a WHERE a.job_id = {
                   f"AND a.outcome = '{AttemptOutcome.DEFERRED.value}'")
 
 
-
-
 @db_retry
 def claim(job_id: int | None, token: str, task_id: str | None, worker: str | None,
           kind: str | None = None, create: Callable[[Connection], int] | None = None) -> ClaimedJob | ClaimRefusal:
