@@ -274,7 +274,7 @@ def fairness(n_a: int, conns: dict[int, int], first_ticket: int) -> dict:
 def backlog(finished: int, due: int) -> dict:
     from sqlalchemy import event, text
 
-    from models.db import get_engine, session_scope
+    from models.db import ROUND_TRIP_OBSERVERS, get_engine, session_scope
     from tasks import store, sweeper
     from tasks import admin
 
@@ -319,6 +319,7 @@ def backlog(finished: int, due: int) -> dict:
                 swept.append((statement, params))
 
         event.listen(engine, "before_cursor_execute", grab)
+        ROUND_TRIP_OBSERVERS.append(lambda statement, params: grab(None, None, statement, params, None, False))
         timings = []
         for job_id in due_ids:
             t0 = time.perf_counter()
@@ -331,6 +332,7 @@ def backlog(finished: int, due: int) -> dict:
             sweeper.find_lost(limit=100)
             sweep_ms.append((time.perf_counter() - t0) * 1000)
         event.remove(engine, "before_cursor_execute", grab)
+        ROUND_TRIP_OBSERVERS.clear()
         results[target] = {"claim_p50_ms": percentile(timings, 50), "claim_p99_ms": percentile(timings, 99),
                            "sweep_find_100_ms": statistics.median(sweep_ms)}
     plans = {"claim_plan": captured[-1]}
@@ -461,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         counted = json.loads(sql_file.read_text())
         report["5_sql_statements_per_job"] = counted["statements"] / max(executions, 1)
         report["5_sql_commits_per_job"] = counted.get("commits", 0) / max(executions, 1)
+        report["5_sql_round_trips_per_job"] = counted.get("round_trips", 0) / max(executions, 1)
         report["7_backlog"] = backlog(args.backlog_finished, args.backlog_due)
     Path(f"/tmp/pswb-bench-report-{os.getpid()}.json").write_text(json.dumps(report, default=str))
     text = render(report)
@@ -495,7 +498,8 @@ def render(r: dict) -> str:
              f"({o['sim_call_ms']:.1f} ms): p50 {o['net_p50_ms']:.1f} ms, p99 {o['net_p99_ms']:.1f} ms",
              f"(5) worker peak RSS {r['5_worker_peak_rss_mb']:.0f} MB [target 150]; "
              f"{r['5_sql_statements_per_job']:.1f} SQL statements in {r.get('5_sql_commits_per_job', float('nan')):.1f} "
-             f"transactions and {z['http_calls_per_job']:.2f} HTTP calls per job",
+             f"transactions ({r.get('5_sql_round_trips_per_job', float('nan')):.1f} round trips) and "
+             f"{z['http_calls_per_job']:.2f} HTTP calls per job",
              f"(6) fairness: tenant B's one job finished {f['b_seconds']:.2f} s after enqueue ({f['b_state']}), "
              f"behind tenant A's {f['a_jobs']} ({f['a_done_when_b_finished']} of A done by then) [target 2 s]",
              "(7) backlog: claim of a due job / sweeper find (100 rows), by finished-job count:"]

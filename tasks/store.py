@@ -6,6 +6,7 @@ writes change nothing and we stop (LeaseLost) instead of overwriting its progres
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -25,7 +26,7 @@ from models import (AccountSettings, AiSession, AttemptOutcome, JobState, NoteSt
                     WritebackJob, utcnow)
 from models import crypto
 from models.crypto import ConfigurationError
-from models.db import get_engine, session_scope, transaction
+from models.db import Row, get_engine, round_trip, session_scope, transaction
 from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
 from models.jobs import ERROR_MESSAGE_LIMIT
 from models.limits import clamp
@@ -195,8 +196,9 @@ _CONNECTION_COLUMNS = (_C.id.label("c_id"), _C.base_url.label("c_base_url"), _C.
 def _claim_sql(durable: bool = False) -> str:
     """The PostgreSQL claim as one round trip: relax durability, take the ticket's advisory
     lock, then (a statement of its own, so its snapshot is taken once the lock is held)
-    claim the row, open its attempt row, and read its connection. Plain SQL: building the
-    same statement from SQLAlchemy constructs cost a quarter of a worker's CPU per job."""
+    claim the row, open its attempt row, mark earlier attempts that never recorded an
+    outcome abandoned, and read its connection. Plain SQL: building the same statement from
+    SQLAlchemy constructs cost a quarter of a worker's CPU per job."""
     job_columns = ", ".join(f"j.{c.key}" for c in _JOB_COLUMNS)
     connection_columns = ", ".join(f"c.{c.element.key} AS {c.key}" for c in _CONNECTION_COLUMNS)
     terminal = ", ".join(f"'{s}'" for s in _TERMINAL)
@@ -215,6 +217,11 @@ WITH claimed AS (
 ), opened AS (
   INSERT INTO writeback_attempts (job_id, attempt_no, celery_task_id, worker, started_at, outcome)
   SELECT id, attempts, %(task_id)s, %(worker)s, %(now)s, 'running' FROM claimed
+), abandoned AS (
+  UPDATE writeback_attempts AS a SET outcome = '{AttemptOutcome.ABANDONED.value}', finished_at = %(now)s,
+    error_message = %(abandoned)s
+  FROM claimed WHERE a.job_id = claimed.id AND a.attempt_no < claimed.attempts
+    AND a.outcome = '{AttemptOutcome.RUNNING.value}'
 )
 SELECT j.*, {connection_columns}, s.preferences, ({_DEFERRALS_SQL.format(job="j.id")}) AS deferrals
 FROM claimed j LEFT JOIN psa_connections c ON c.id = j.psa_connection_id
@@ -235,40 +242,48 @@ def claim(job_id: int | None, token: str, task_id: str | None, worker: str | Non
     commits durably: until it is on disk the row is the only promise of that writeback (the
     message is acked when the task ends), so it must not be a relaxed commit (_RELAXED)."""
     postgres = _postgres()
+    if postgres and create is None:
+        # the common case, a job the enqueue API wrote: one round trip, nothing else
+        now, seconds = utcnow(), lease_seconds()
+        row = round_trip(_claim_sql(), _claim_params(job_id, token, task_id, worker, kind, now, seconds))[1]
+        return _snapshot(row, token, started_at=now, lease=seconds) if row else _not_claimed(job_id, token, kind, now,
+                                                                                            seconds)
     with transaction() if postgres else session_scope() as db:
         if create is not None:
             job_id = create(_conn(db))
         # after create(): the new row's next_attempt_at is its insert time, which must be due
         now = utcnow()
         seconds = lease_seconds()
-        lease = now + dt.timedelta(seconds=seconds)
         if postgres:
-            found = _conn(db).exec_driver_sql(_claim_sql(durable=create is not None), {
-                "id": job_id, "token": token, "lease": lease, "now": now, "kind": kind, "due": now + DUE_TOLERANCE,
-                "task_id": task_id, "worker": worker}).mappings().first()
-            row = _Row(found) if found else None
+            found = _conn(db).exec_driver_sql(_claim_sql(durable=True), _claim_params(
+                job_id, token, task_id, worker, kind, now, seconds)).mappings().first()
+            row = Row(found) if found else None
         else:
-            row = _claim_portable(db, job_id, token, task_id, worker, kind, now, lease)
+            row = _claim_portable(db, job_id, token, task_id, worker, kind, now, now + dt.timedelta(seconds=seconds))
         if row is None:
-            row = _load(db, job_id)
-            if row is not None and row.claimed_by == token and row.state == JobState.RUNNING.value:
-                # db_retry ran us again after our commit landed but its reply was lost: the
-                # claim (and its attempt row) is ours already; do not count a second attempt.
-                return _snapshot(row, token, lease=seconds)
-            return _refusal(row, job_id, now, kind)
-        if row.attempts > 1:
-            # An execution that died mid-attempt never wrote its outcome: say so in the history.
-            db.execute(update(WritebackAttempt).where(WritebackAttempt.job_id == job_id,
-                                                      WritebackAttempt.attempt_no < row.attempts,
-                                                      WritebackAttempt.outcome == AttemptOutcome.RUNNING.value)
-                       .values(outcome=AttemptOutcome.ABANDONED.value, finished_at=now,
-                               error_message="the execution stopped without recording an outcome (worker lost?)"))
+            return _not_claimed(job_id, token, kind, now, seconds, db)
         return _snapshot(row, token, started_at=now, lease=seconds)
 
 
-class _Row(dict):
-    """A result row by attribute, like SQLAlchemy's."""
-    __getattr__ = dict.__getitem__
+_ABANDONED = "the execution stopped without recording an outcome (worker lost?)"
+
+
+def _claim_params(job_id: int, token: str, task_id: str | None, worker: str | None, kind: str | None,
+                  now: dt.datetime, seconds: float) -> dict[str, Any]:
+    return {"id": job_id, "token": token, "lease": now + dt.timedelta(seconds=seconds), "now": now, "kind": kind,
+            "due": now + DUE_TOLERANCE, "task_id": task_id, "worker": worker, "abandoned": _ABANDONED}
+
+
+def _not_claimed(job_id: int, token: str, kind: str | None, now: dt.datetime, seconds: float,
+                 db: DB | None = None) -> ClaimedJob | ClaimRefusal:
+    """The claim matched no row: why not (a refusal), or ours already."""
+    with contextlib.nullcontext(db) if db is not None else transaction() as db:
+        row = _load(db, job_id)
+    if row is not None and row.claimed_by == token and row.state == JobState.RUNNING.value:
+        # db_retry ran us again after our commit landed but its reply was lost: the
+        # claim (and its attempt row) is ours already; do not count a second attempt.
+        return _snapshot(row, token, lease=seconds)
+    return _refusal(row, job_id, now, kind)
 
 
 def _claim_portable(db: Session, job_id: int, token: str, task_id: str | None, worker: str | None,
@@ -288,6 +303,11 @@ def _claim_portable(db: Session, job_id: int, token: str, task_id: str | None, w
                      .returning(J.attempts)).first()
     if row is None:
         return None
+    # An execution that died mid-attempt never wrote its outcome: say so in the history.
+    db.execute(update(WritebackAttempt).where(WritebackAttempt.job_id == job_id,
+                                              WritebackAttempt.attempt_no < row.attempts,
+                                              WritebackAttempt.outcome == AttemptOutcome.RUNNING.value)
+               .values(outcome=AttemptOutcome.ABANDONED.value, finished_at=now, error_message=_ABANDONED))
     db.add(WritebackAttempt(job_id=job_id, attempt_no=row.attempts, celery_task_id=task_id, worker=worker,
                             started_at=now))
     db.flush()
@@ -396,7 +416,7 @@ def _refusal(job: Any, job_id: int, now: dt.datetime, kind: str | None) -> Claim
 _UPDATE_SQL: dict[tuple[str, tuple[str, ...], str, str], str] = {}
 
 
-def _portable(db: DB, values: dict[str, Any]) -> bool:
+def _portable(db: DB | None, values: dict[str, Any]) -> bool:
     """SQLAlchemy constructs for this write: not PostgreSQL, or SQL expressions as values."""
     return not _postgres(db) or any(
         hasattr(v, "__clause_element__") or hasattr(v, "_is_clause_element") for v in values.values())
@@ -422,26 +442,29 @@ def _update_params(values: dict[str, Any], where: dict[str, Any], p: str = "") -
     return params
 
 
-def _update(db: DB, model: Any, where: dict[str, Any], values: dict[str, Any], extra: str = "") -> int:
+def _update(db: DB | None, model: Any, where: dict[str, Any], values: dict[str, Any], extra: str = "") -> int:
     """UPDATE model SET values WHERE where (equalities) [AND extra]; returns the row count.
     On PostgreSQL the SQL text is built once per column set and sent as is: these updates
     run several times per job, and constructing them with SQLAlchemy cost more CPU than
-    the rest of the job's database work. SQL expressions as values take the portable path."""
+    the rest of the job's database work. SQL expressions as values take the portable path.
+    db=None (PostgreSQL, plain values): the update is a transaction of its own, one round trip."""
     table = model.__table__
     values = clamp(table, values)  # a vendor string too long for its column is stored cut
-    if _portable(db, values):
+    if db is not None and _portable(db, values):
         stmt = update(model).where(*(table.c[k] == v for k, v in where.items()))
         if extra:
             stmt = stmt.where(text(extra))
         return db.execute(stmt.values(**values)).rowcount
     sql = _update_sql(table.name, values, where, extra)
+    if db is None:
+        return round_trip(sql, _update_params(values, where))[0]
     return _conn(db).exec_driver_sql(sql, _update_params(values, where)).rowcount
 
 
 _OWNED = "state = 'running'"  # with claimed_by = the token: this execution still owns the job
 
 
-def _guarded(db: DB, job: ClaimedJob, *, done_state: str | None = None, **values: Any) -> bool:
+def _guarded(db: DB | None, job: ClaimedJob, *, done_state: str | None = None, **values: Any) -> bool:
     """Update the job only while this execution owns it. Returns False (and changes nothing)
     when `done_state` is given and our own earlier commit of that state already landed: a
     db_retry after a reply lost on a killed connection must not count as losing the lease."""
@@ -450,12 +473,21 @@ def _guarded(db: DB, job: ClaimedJob, *, done_state: str | None = None, **values
     return True if rowcount == 1 else _not_owned(db, job, done_state)
 
 
-def _not_owned(db: DB, job: ClaimedJob, done_state: str | None) -> bool:
+def _guarded_alone(job: ClaimedJob, **values: Any) -> bool:
+    """_guarded as a transaction of its own: one round trip on PostgreSQL (round_trip)."""
+    if _postgres():
+        return _guarded(None, job, **values)
+    with transaction() as db:
+        return _guarded(db, job, **values)
+
+
+def _not_owned(db: DB | None, job: ClaimedJob, done_state: str | None) -> bool:
     """A guarded write changed nothing: our own earlier commit of `done_state` (False), or
     another execution owns the job now (LeaseLost)."""
     J = WritebackJob
     if done_state is not None:
-        current = db.execute(select(J.state, J.claimed_by).where(J.id == job.id)).first()
+        with contextlib.nullcontext(db) if db is not None else transaction() as db:
+            current = db.execute(select(J.state, J.claimed_by).where(J.id == job.id)).first()
         if current is not None and current.claimed_by == job.token and current.state == done_state:
             return False
     raise LeaseLost(f"job {job.id}: another execution owns it now")
@@ -464,8 +496,7 @@ def _not_owned(db: DB, job: ClaimedJob, done_state: str | None) -> bool:
 @db_retry
 def renew_lease(job: ClaimedJob) -> None:
     """Called before each step: the lease counts from the start of the step's PSA calls."""
-    with transaction() as db:
-        _guarded(db, job, lease_until=utcnow() + dt.timedelta(seconds=job_lease_seconds(job)))
+    _guarded_alone(job, lease_until=utcnow() + dt.timedelta(seconds=job_lease_seconds(job)))
     job.scratch["lease_renewed"] = time.monotonic()
 
 
@@ -485,10 +516,9 @@ def record_note_intent(job: ClaimedJob, baseline_ids: list[str], watermark_id: s
     """Committed *before* every POST: from here on, a repeat must look for the note first.
     It renews the lease too, so a successor cannot start (and reconcile) until this POST
     has had its whole timeout, and more, to land."""
-    with transaction() as db:  # synchronous commit: this one must be on disk before the POST
-        _guarded(db, job, note_state=NoteState.INTENT.value, note_baseline_ids=baseline_ids,
-                 note_watermark_id=watermark_id,
-                 lease_until=utcnow() + dt.timedelta(seconds=job_lease_seconds(job)))
+    # synchronous commit (the default): this one must be on disk before the POST
+    _guarded_alone(job, note_state=NoteState.INTENT.value, note_baseline_ids=baseline_ids,
+                   note_watermark_id=watermark_id, lease_until=utcnow() + dt.timedelta(seconds=job_lease_seconds(job)))
     job.scratch["lease_renewed"] = time.monotonic()
 
 
@@ -544,18 +574,18 @@ def finish(job: ClaimedJob, state: JobState, outcome: AttemptOutcome, *, result:
     session_columns = {**note_session, **(session_values or {})}
     if session_columns:
         session_columns["updated_at"] = now
-    with transaction() as db:
-        if job.started_at is None or _portable(db, job_columns):
+    if job.started_at is None or _portable(None, job_columns):
+        with transaction() as db:
             nxt = _finish_portable(db, job, state, outcome, now, job_columns, session_columns, error, http_status, step)
-        else:
-            attempt_columns = _attempt_columns(job, outcome, now, error, http_status, step)
-            nxt = _finish_pg(db, job, state, job_columns, session_columns, attempt_columns)
+    else:
+        attempt_columns = _attempt_columns(job, outcome, now, error, http_status, step)
+        nxt = _finish_pg(job, state, job_columns, session_columns, attempt_columns)
     job.scratch["next"] = nxt
 
 
-def _finish_pg(db: DB, job: ClaimedJob, state: JobState, job_columns: dict[str, Any],
+def _finish_pg(job: ClaimedJob, state: JobState, job_columns: dict[str, Any],
                session_columns: dict[str, Any], attempt_columns: dict[str, Any]) -> tuple[int, str] | None:
-    """finish() on PostgreSQL in one round trip: relaxed durability (see _RELAXED), the
+    """finish() on PostgreSQL in one round trip (round_trip): relaxed durability (see _RELAXED), the
     guarded job update, the session and attempt updates only if that one matched, and the
     ticket's next live job. Returns that next job, (id, kind) or None, also when our own
     earlier try already recorded this outcome (then nothing is written)."""
@@ -575,15 +605,16 @@ def _finish_pg(db: DB, job: ClaimedJob, state: JobState, job_columns: dict[str, 
         parts.append(f"s AS ({_update_sql('ai_sessions', session_columns, where, if_job, 's')})")
         params.update(_update_params(session_columns, where, "s"))
     params["conn"] = job.connection_id
-    row = _conn(db).exec_driver_sql(
+    row = round_trip(
         f"{_RELAXED}; WITH {', '.join(parts)} SELECT (SELECT count(*) FROM j) AS updated, n.id, n.kind, "
         f"{_OPEN_ALERTS} AS open_alerts, {_NOTIFY_OUTCOME} AS notified "
         "FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT id, kind FROM writeback_jobs "
         f"WHERE ticket_key = %(key)s AND id > %(id)s AND state IN ({_CLAIMABLE_SQL}) ORDER BY id LIMIT 1) AS n "
-        "ON true", params).first()
+        "ON true", params)[1]
+    assert row is not None  # the statement always returns its one row
     nxt = (row.id, row.kind) if row.id is not None else None  # read by the same statement, matched or not
     if row.updated != 1:
-        _not_owned(db, job, state.value)  # LeaseLost, unless our own earlier try recorded it
+        _not_owned(None, job, state.value)  # LeaseLost, unless our own earlier try recorded it
         return nxt
     job.scratch["open_alerts"] = row.open_alerts
     return nxt
