@@ -1,0 +1,119 @@
+"""models.db.round_trip, the worker's one-round-trip transactions, on real PostgreSQL: all
+or nothing, SET LOCAL and xact locks end with it, the pooled connection goes back ready
+for ordinary transactions, and errors are the SQLAlchemy errors db_retry knows."""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from sqlalchemy import exc, text
+
+from models import db as models_db
+from models.db import make_engine, round_trip
+from tasks.store import transient_db_error
+from tests.models.test_pool import backend_pid, kill
+
+
+@pytest.fixture()
+def engine(monkeypatch):
+    monkeypatch.setenv("DB_POOL_PING_IDLE_SECONDS", "30")  # no ping: a dead connection is met by the statement
+    eng = make_engine(os.environ["DATABASE_URL"], pool_size=1)
+    eng.pool._max_overflow = 0  # one connection: every round trip and check below shares it
+    models_db.set_engine(eng)
+    yield eng
+    models_db.set_engine(None)  # disposes eng; the next get_engine() builds the usual one
+
+
+@pytest.fixture()
+def table(engine):
+    name = f"rt_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {name} (id int PRIMARY KEY, v text)"))
+    yield name
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE {name}"))
+
+
+def rows(engine, table: str) -> list[tuple]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(text(f"SELECT id, v FROM {table} ORDER BY id"))]
+
+
+def test_returns_the_row_count_and_the_last_statements_first_row_by_name(engine, table):
+    count, row = round_trip(f"INSERT INTO {table} VALUES (%(a)s, 'x'), (%(b)s, 'y')", {"a": 1, "b": 2})
+    assert (count, row) == (2, None)
+    count, row = round_trip(f"UPDATE {table} SET v = 'z' WHERE id = 1; SELECT id, v FROM {table} ORDER BY id", {})
+    assert count == 2 and row == {"id": 1, "v": "z"} and row.v == "z"
+    assert rows(engine, table) == [(1, "z"), (2, "y")]
+
+
+def test_its_statements_commit_together_or_not_at_all(engine, table):
+    with pytest.raises(exc.IntegrityError) as caught:
+        round_trip(f"INSERT INTO {table} VALUES (1, %(secret)s); INSERT INTO {table} VALUES (1, 'dup')",
+                   {"secret": "fake-note-body-7731"})
+    assert rows(engine, table) == []  # the first INSERT went with the second
+    assert "fake-note-body-7731" not in str(caught.value)  # parameters hidden, as on the engine
+    assert not transient_db_error(caught.value)  # a real error: db_retry does not run it again
+
+
+def test_set_local_and_xact_locks_last_to_its_end_only(engine):
+    _, row = round_trip("SET LOCAL synchronous_commit TO off; SELECT pg_advisory_xact_lock(918273); "
+                        "SELECT current_setting('synchronous_commit') AS durability, "
+                        "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 918273 "
+                        " AND pid = pg_backend_pid()) AS locks", {})
+    assert row == {"durability": "off", "locks": 1}
+    # the same (only) pooled connection, next round trip: both are gone
+    _, row = round_trip("SELECT current_setting('synchronous_commit') AS durability, "
+                        "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 918273) AS locks", {})
+    assert row == {"durability": "on", "locks": 0}
+
+
+def test_the_connection_goes_back_to_the_pool_transactional(engine, table):
+    round_trip(f"INSERT INTO {table} VALUES (1, 'kept')", {})
+    # an ordinary transaction on the same connection afterwards still rolls back
+    with engine.connect() as conn:
+        conn.execute(text(f"INSERT INTO {table} VALUES (2, 'rolled back')"))
+        conn.rollback()
+    assert rows(engine, table) == [(1, "kept")]
+
+
+def test_a_connection_the_server_killed_fails_once_as_transient_then_the_pool_recovers(engine):
+    dead = backend_pid(engine)
+    kill(engine, dead)
+    with pytest.raises(exc.DBAPIError) as caught:
+        round_trip("SELECT 1 AS one", {})
+    assert caught.value.connection_invalidated and transient_db_error(caught.value)
+    _, row = round_trip("SELECT pg_backend_pid() AS pid", {})
+    assert row.pid != dead
+
+
+def test_no_server_is_an_operational_error_db_retry_knows(monkeypatch):
+    eng = make_engine("postgresql://pswb@127.0.0.1:9/nowhere", pool_size=1)  # port 9: nothing listens
+    models_db.set_engine(eng)
+    try:
+        with pytest.raises(exc.OperationalError) as caught:
+            round_trip("SELECT 1", {})
+        assert transient_db_error(caught.value)
+    finally:
+        models_db.set_engine(None)
+
+
+def test_a_lost_connection_renews_the_pools_other_connections_too(monkeypatch):
+    # a server restart kills every pooled connection: after the first failure, the next
+    # round trip must not meet the next dead one (what SQLAlchemy does on a disconnect)
+    monkeypatch.setenv("DB_POOL_PING_IDLE_SECONDS", "30")
+    eng = make_engine(os.environ["DATABASE_URL"], pool_size=2)
+    models_db.set_engine(eng)
+    try:
+        with eng.connect() as first, eng.connect() as second:
+            pids = [c.execute(text("SELECT pg_backend_pid()")).scalar() for c in (first, second)]
+        for pid in pids:
+            kill(eng, pid)
+        with pytest.raises(exc.DBAPIError) as caught:
+            round_trip("SELECT 1 AS one", {})
+        assert transient_db_error(caught.value)
+        _, row = round_trip("SELECT pg_backend_pid() AS pid", {})
+        assert row.pid not in pids
+    finally:
+        models_db.set_engine(None)
