@@ -15,6 +15,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
+from models import prepared
+
 DEFAULT_SQLITE_PATH = Path("var") / "psa-writeback.db"
 
 _lock = threading.Lock()
@@ -244,10 +246,11 @@ class Row(dict):
     __getattr__ = dict.__getitem__
 
 
-def round_trip(sql: str, params: dict[str, Any]) -> tuple[int, Row | None]:
-    """Run `sql` (PostgreSQL: psycopg2 text, one statement or several separated by `;`) as a
-    transaction of its own in ONE round trip; returns (rowcount, first row of the last
-    statement or None). The worker's hot path: a transaction through SQLAlchemy costs BEGIN
+def round_trip(sql: str, params: dict[str, Any], prefix: str = "") -> tuple[int, Row | None]:
+    """Run `prefix` (none, or statements ending in `;`) then `sql` (one statement), PostgreSQL
+    psycopg2 text, as a transaction of its own in ONE round trip; returns (rowcount, first row
+    of `sql` or None). `sql` is sent as a prepared statement (models.prepared: its plan is
+    reused; the first use on a connection adds the PREPARE's round trip). The worker's hot path: a transaction through SQLAlchemy costs BEGIN
     and COMMIT as round trips of their own (psycopg2 sends BEGIN before the first statement),
     three per transaction in all, and three transactions per job made PostgreSQL the second
     largest user of a zero-latency worker's machine. Sent on an autocommit connection, one
@@ -270,7 +273,7 @@ def round_trip(sql: str, params: dict[str, Any]) -> tuple[int, Row | None]:
         dbapi.autocommit = True  # a flag in psycopg2, no round trip
         try:
             with dbapi.cursor() as cur:
-                cur.execute(sql, params)
+                cur.execute(prefix + prepared.executable(cur, sql), params)
                 row = cur.fetchone() if cur.description else None
                 names = [c.name for c in cur.description] if row is not None else []
                 count = cur.rowcount
@@ -281,12 +284,14 @@ def round_trip(sql: str, params: dict[str, Any]) -> tuple[int, Row | None]:
         lost = engine.dialect.is_disconnect(err, dbapi, None)
         if lost:
             engine.pool._invalidate(raw, err)  # as SQLAlchemy's own statements do on a disconnect
-        raise DBAPIError.instance(sql, params, err, dbapi_error, hide_parameters=True,
+        else:
+            prepared.forget(dbapi)
+        raise DBAPIError.instance(prefix + sql, params, err, dbapi_error, hide_parameters=True,
                                   connection_invalidated=lost, dialect=engine.dialect) from err
     finally:
         raw.close()
     for observe in ROUND_TRIP_OBSERVERS:
-        observe(sql, params)
+        observe(prefix + sql, params)
     return count, (Row(zip(names, row)) if row is not None else None)
 
 

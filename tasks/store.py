@@ -199,12 +199,23 @@ def _claim_sql(durable: bool = False) -> str:
     claim the row, open its attempt row, mark earlier attempts that never recorded an
     outcome abandoned, and read its connection. Plain SQL: building the same statement from
     SQLAlchemy constructs cost a quarter of a worker's CPU per job."""
+    return _claim_prefix(durable) + _claim_statement()
+
+
+def _claim_prefix(durable: bool = False) -> str:
+    """Durability, then the ticket's lock: statements sent before the claim's own."""
+    return f"""{"" if durable else _RELAXED + ";"}
+SELECT pg_advisory_xact_lock(hashtext(ticket_key)) FROM writeback_jobs WHERE id = %(id)s;
+"""
+
+
+@functools.cache
+def _claim_statement() -> str:
+    """The claim itself, one statement (round_trip prepares it: its plan is reused)."""
     job_columns = ", ".join(f"j.{c.key}" for c in _JOB_COLUMNS)
     connection_columns = ", ".join(f"c.{c.element.key} AS {c.key}" for c in _CONNECTION_COLUMNS)
     terminal = ", ".join(f"'{s}'" for s in _TERMINAL)
-    return f"""{"" if durable else _RELAXED + ";"}
-SELECT pg_advisory_xact_lock(hashtext(ticket_key)) FROM writeback_jobs WHERE id = %(id)s;
-WITH claimed AS (
+    return f"""WITH claimed AS (
   UPDATE writeback_jobs AS j SET state = 'running', claimed_by = %(token)s, attempts = j.attempts + 1,
     lease_until = %(lease)s, started_at = coalesce(j.started_at, %(now)s), updated_at = %(now)s
   WHERE j.id = %(id)s AND (%(kind)s::varchar IS NULL OR j.kind = %(kind)s)
@@ -245,7 +256,8 @@ def claim(job_id: int | None, token: str, task_id: str | None, worker: str | Non
     if postgres and create is None:
         # the common case, a job the enqueue API wrote: one round trip, nothing else
         now, seconds = utcnow(), lease_seconds()
-        row = round_trip(_claim_sql(), _claim_params(job_id, token, task_id, worker, kind, now, seconds))[1]
+        row = round_trip(_claim_statement(), _claim_params(job_id, token, task_id, worker, kind, now, seconds),
+                         prefix=_claim_prefix())[1]
         return _snapshot(row, token, started_at=now, lease=seconds) if row else _not_claimed(job_id, token, kind, now,
                                                                                             seconds)
     with transaction() if postgres else session_scope() as db:
@@ -606,11 +618,11 @@ def _finish_pg(job: ClaimedJob, state: JobState, job_columns: dict[str, Any],
         params.update(_update_params(session_columns, where, "s"))
     params["conn"] = job.connection_id
     row = round_trip(
-        f"{_RELAXED}; WITH {', '.join(parts)} SELECT (SELECT count(*) FROM j) AS updated, n.id, n.kind, "
+        f"WITH {', '.join(parts)} SELECT (SELECT count(*) FROM j) AS updated, n.id, n.kind, "
         f"{_OPEN_ALERTS} AS open_alerts, {_NOTIFY_OUTCOME} AS notified "
         "FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT id, kind FROM writeback_jobs "
         f"WHERE ticket_key = %(key)s AND id > %(id)s AND state IN ({_CLAIMABLE_SQL}) ORDER BY id LIMIT 1) AS n "
-        "ON true", params)[1]
+        "ON true", params, prefix=f"{_RELAXED}; ")[1]
     assert row is not None  # the statement always returns its one row
     nxt = (row.id, row.kind) if row.id is not None else None  # read by the same statement, matched or not
     if row.updated != 1:

@@ -43,9 +43,13 @@ def rows(engine, table: str) -> list[tuple]:
 def test_returns_the_row_count_and_the_last_statements_first_row_by_name(engine, table):
     count, row = round_trip(f"INSERT INTO {table} VALUES (%(a)s, 'x'), (%(b)s, 'y')", {"a": 1, "b": 2})
     assert (count, row) == (2, None)
-    count, row = round_trip(f"UPDATE {table} SET v = 'z' WHERE id = 1; SELECT id, v FROM {table} ORDER BY id", {})
+    count, row = round_trip(f"SELECT id, v FROM {table} ORDER BY id", {"id": 1},
+                            prefix=f"UPDATE {table} SET v = 'z' WHERE id = %(id)s; ")
     assert count == 2 and row == {"id": 1, "v": "z"} and row.v == "z"
     assert rows(engine, table) == [(1, "z"), (2, "y")]
+    # statements joined in `sql` itself are not prepared (PREPARE would take the first only)
+    count, row = round_trip(f"UPDATE {table} SET v = 'w' WHERE id = 2; SELECT id, v FROM {table} ORDER BY id DESC", {})
+    assert count == 2 and row == {"id": 2, "v": "w"}
 
 
 def test_its_statements_commit_together_or_not_at_all(engine, table):
@@ -117,3 +121,24 @@ def test_a_lost_connection_renews_the_pools_other_connections_too(monkeypatch):
         assert row.pid not in pids
     finally:
         models_db.set_engine(None)
+
+
+def test_a_statement_is_prepared_once_per_connection_and_its_plan_reused(engine, table):
+    for i in range(7):
+        round_trip(f"INSERT INTO {table} VALUES (%(id)s, %(v)s)", {"id": i, "v": f"n{i}"})
+    _, row = round_trip("SELECT count(*) AS n, sum(generic_plans + custom_plans) AS runs FROM pg_prepared_statements "
+                        f"WHERE statement LIKE %(pattern)s", {"pattern": f"%INSERT INTO {table} VALUES ($1, $2)%"})
+    assert (row.n, row.runs) == (1, 7)  # the only pooled connection: prepared once, executed 7 times
+    assert len(rows(engine, table)) == 7
+
+
+def test_after_an_error_the_connections_statements_are_prepared_afresh(engine, table):
+    insert = f"INSERT INTO {table} VALUES (%(id)s, 'x')"
+    round_trip(insert, {"id": 1})
+    with pytest.raises(exc.IntegrityError):
+        round_trip(insert, {"id": 1})
+    # deallocated and forgotten: the next use prepares it again, and works
+    assert round_trip(insert, {"id": 2})[0] == 1
+    _, row = round_trip("SELECT count(*) AS n FROM pg_prepared_statements WHERE statement LIKE %(p)s",
+                        {"p": f"%INSERT INTO {table}%"})
+    assert row.n == 1 and len(rows(engine, table)) == 2
