@@ -142,3 +142,13 @@ def test_after_an_error_the_connections_statements_are_prepared_afresh(engine, t
     _, row = round_trip("SELECT count(*) AS n FROM pg_prepared_statements WHERE statement LIKE %(p)s",
                         {"p": f"%INSERT INTO {table}%"})
     assert row.n == 1 and len(rows(engine, table)) == 2
+
+
+def test_a_statement_postgresql_cannot_prepare_is_sent_as_it_is(engine):
+    # unknown + unknown: PREPARE cannot pick an operator, while the inlined values can
+    sql = "SELECT %(a)s + %(b)s AS total"
+    assert round_trip(sql, {"a": 1, "b": 2})[1] == {"total": 3}
+    assert round_trip(sql, {"a": 4, "b": 5})[1] == {"total": 9}  # remembered: no second PREPARE attempt
+    _, row = round_trip("SELECT count(*) AS n FROM pg_prepared_statements WHERE statement LIKE %(p)s",
+                        {"p": "%$1 + $2%"})
+    assert row.n == 0
