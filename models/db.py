@@ -250,10 +250,12 @@ def round_trip(sql: str, params: dict[str, Any], prefix: str = "") -> tuple[int,
     """Run `prefix` (none, or statements ending in `;`) then `sql` (one statement), PostgreSQL
     psycopg2 text, as a transaction of its own in ONE round trip; returns (rowcount, first row
     of `sql` or None). `sql` is sent as a prepared statement (models.prepared: its plan is
-    reused; the first use on a connection adds the PREPARE's round trip). The worker's hot path: a transaction through SQLAlchemy costs BEGIN
-    and COMMIT as round trips of their own (psycopg2 sends BEGIN before the first statement),
-    three per transaction in all, and three transactions per job made PostgreSQL the second
-    largest user of a zero-latency worker's machine. Sent on an autocommit connection, one
+    reused; the first use on a connection adds the PREPARE's round trip).
+
+    The worker's hot path: a transaction through SQLAlchemy costs BEGIN and COMMIT as round
+    trips of their own (psycopg2 sends BEGIN before the first statement), three per
+    transaction in all, and three transactions per job made PostgreSQL the second largest
+    user of a zero-latency worker's machine. Sent on an autocommit connection, one
     statement commits by itself and a string of statements is one implicit transaction
     (PostgreSQL's simple query protocol): all or nothing, SET LOCAL and xact locks last to
     its end, and each statement still takes its own snapshot. Errors are SQLAlchemy's

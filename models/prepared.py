@@ -20,6 +20,8 @@ import threading
 import weakref
 from typing import Any
 
+import psycopg2
+
 # sql text -> (PREPARE text, EXECUTE template with psycopg2 parameters), or None: send as is
 _FORMS: dict[str, tuple[str, str] | None] = {}
 MAX_FORMS = 256  # distinct statements (the outcome's varies with its column set); the rest go as is
@@ -66,7 +68,7 @@ def executable(cursor: Any, sql: str) -> str:
             return execute
     try:
         cursor.execute(prepare)  # no parameters: psycopg2 sends the text as it is
-    except _dbapi_error() as err:
+    except psycopg2.Error as err:
         if conn.closed:
             raise
         if getattr(err, "pgcode", None) == "42P05":  # already prepared (forgotten after an error that kept it)
@@ -89,11 +91,5 @@ def forget(conn: Any) -> None:
         try:
             with conn.cursor() as cur:
                 cur.execute("DEALLOCATE ALL")
-        except _dbapi_error():
+        except psycopg2.Error:
             pass  # a broken connection: the pool replaces it, and with it its statements
-
-
-def _dbapi_error() -> type[Exception]:
-    import psycopg2
-
-    return psycopg2.Error

@@ -67,7 +67,9 @@ def lease_seconds() -> float:
 
 def transient_db_error(err: BaseException) -> bool:
     # pg_terminate_backend, failover, a dropped socket: the statement never ran or its
-    # transaction rolled back, so running the same short transaction again is safe.
+    # transaction rolled back, so running the same short transaction again is safe. (A
+    # prepared statement gone from its connection is an OperationalError too: round_trip
+    # forgot that connection's statements, so the next run prepares them again.)
     return isinstance(err, OperationalError) or (isinstance(err, DBAPIError) and err.connection_invalidated)
 
 
@@ -193,17 +195,15 @@ _CONNECTION_COLUMNS = (_C.id.label("c_id"), _C.base_url.label("c_base_url"), _C.
 
 
 @functools.cache
-def _claim_sql(durable: bool = False) -> str:
-    """The PostgreSQL claim as one round trip: relax durability, take the ticket's advisory
-    lock, then (a statement of its own, so its snapshot is taken once the lock is held)
-    claim the row, open its attempt row, mark earlier attempts that never recorded an
-    outcome abandoned, and read its connection. Plain SQL: building the same statement from
-    SQLAlchemy constructs cost a quarter of a worker's CPU per job."""
-    return _claim_prefix(durable) + _claim_statement()
+def _claim_sql() -> str:
+    """The durable claim (of a job its task wrote in the same transaction) as one text."""
+    return _claim_prefix(durable=True) + _claim_statement()
 
 
 def _claim_prefix(durable: bool = False) -> str:
-    """Durability, then the ticket's lock: statements sent before the claim's own."""
+    """The PostgreSQL claim is one round trip: this prefix relaxes durability (unless
+    `durable`) and takes the ticket's advisory lock; then _claim_statement, a statement of
+    its own, so its snapshot is taken once the lock is held."""
     return f"""{"" if durable else _RELAXED + ";"}
 SELECT pg_advisory_xact_lock(hashtext(ticket_key)) FROM writeback_jobs WHERE id = %(id)s;
 """
@@ -211,7 +211,10 @@ SELECT pg_advisory_xact_lock(hashtext(ticket_key)) FROM writeback_jobs WHERE id 
 
 @functools.cache
 def _claim_statement() -> str:
-    """The claim itself, one statement (round_trip prepares it: its plan is reused)."""
+    """The claim itself, one statement (round_trip prepares it: its plan is reused): claim
+    the row, open its attempt row, mark earlier attempts that never recorded an outcome
+    abandoned, and read its connection. Plain SQL: building the same statement from
+    SQLAlchemy constructs cost a quarter of a worker's CPU per job."""
     job_columns = ", ".join(f"j.{c.key}" for c in _JOB_COLUMNS)
     connection_columns = ", ".join(f"c.{c.element.key} AS {c.key}" for c in _CONNECTION_COLUMNS)
     terminal = ", ".join(f"'{s}'" for s in _TERMINAL)
@@ -267,7 +270,7 @@ def claim(job_id: int | None, token: str, task_id: str | None, worker: str | Non
         now = utcnow()
         seconds = lease_seconds()
         if postgres:
-            found = _conn(db).exec_driver_sql(_claim_sql(durable=True), _claim_params(
+            found = _conn(db).exec_driver_sql(_claim_sql(), _claim_params(
                 job_id, token, task_id, worker, kind, now, seconds)).mappings().first()
             row = Row(found) if found else None
         else:
@@ -289,7 +292,7 @@ def _claim_params(job_id: int, token: str, task_id: str | None, worker: str | No
 def _not_claimed(job_id: int, token: str, kind: str | None, now: dt.datetime, seconds: float,
                  db: DB | None = None) -> ClaimedJob | ClaimRefusal:
     """The claim matched no row: why not (a refusal), or ours already."""
-    with contextlib.nullcontext(db) if db is not None else transaction() as db:
+    with _within(db) as db:
         row = _load(db, job_id)
     if row is not None and row.claimed_by == token and row.state == JobState.RUNNING.value:
         # db_retry ran us again after our commit landed but its reply was lost: the
@@ -485,6 +488,11 @@ def _guarded(db: DB | None, job: ClaimedJob, *, done_state: str | None = None, *
     return True if rowcount == 1 else _not_owned(db, job, done_state)
 
 
+def _within(db: DB | None) -> contextlib.AbstractContextManager[DB]:
+    """`db`'s transaction, or (None: the write before ran as its own round trip) a new one."""
+    return contextlib.nullcontext(db) if db is not None else transaction()
+
+
 def _guarded_alone(job: ClaimedJob, **values: Any) -> bool:
     """_guarded as a transaction of its own: one round trip on PostgreSQL (round_trip)."""
     if _postgres():
@@ -498,7 +506,7 @@ def _not_owned(db: DB | None, job: ClaimedJob, done_state: str | None) -> bool:
     another execution owns the job now (LeaseLost)."""
     J = WritebackJob
     if done_state is not None:
-        with contextlib.nullcontext(db) if db is not None else transaction() as db:
+        with _within(db) as db:
             current = db.execute(select(J.state, J.claimed_by).where(J.id == job.id)).first()
         if current is not None and current.claimed_by == job.token and current.state == done_state:
             return False

@@ -11,7 +11,7 @@ from sqlalchemy import exc, text
 
 from models import db as models_db
 from models.db import make_engine, round_trip
-from tasks.store import transient_db_error
+from tasks.store import db_retry, transient_db_error
 from tests.models.test_pool import backend_pid, kill
 
 
@@ -152,3 +152,28 @@ def test_a_statement_postgresql_cannot_prepare_is_sent_as_it_is(engine):
     _, row = round_trip("SELECT count(*) AS n FROM pg_prepared_statements WHERE statement LIKE %(p)s",
                         {"p": "%$1 + $2%"})
     assert row.n == 0
+
+
+def test_a_prepared_statement_dropped_behind_its_back_is_retried_and_prepared_again(engine, table):
+    # a pooler's DISCARD ALL, or an operator's DEALLOCATE: the next EXECUTE meets "does not exist"
+    insert = f"INSERT INTO {table} VALUES (%(id)s, 'x')"
+    round_trip(insert, {"id": 1})
+    raw = engine.raw_connection()  # the pool's only connection, the one the statement is on
+    try:
+        with raw.driver_connection.cursor() as cur:
+            cur.execute("DEALLOCATE ALL")
+        raw.driver_connection.commit()
+    finally:
+        raw.close()
+    with pytest.raises(exc.DBAPIError) as caught:
+        round_trip(insert, {"id": 2})
+    assert transient_db_error(caught.value)  # db_retry runs it again...
+    attempts = []
+
+    @db_retry
+    def insert_three():
+        attempts.append(1)
+        return round_trip(insert, {"id": 3})[0]
+
+    assert insert_three() == 1 and len(attempts) == 1  # ...and by then it is prepared afresh
+    assert rows(engine, table) == [(1, "x"), (3, "x")]
