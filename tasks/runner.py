@@ -64,9 +64,9 @@ def execute(job_id: int | None, task_id: str | None = None, worker: str | None =
             policy: RetryPolicy | None = None, kind: str | None = None,
             create: Callable[[Connection], int] | None = None,
             on_claim: Callable[[int], None] | None = None) -> Outcome:
-    """Claim and run job `job_id`, or the job `create` writes in the claim's transaction (a
-    task sent by name with the intent: store.claim). `on_claim(job id)` once the claim's
-    transaction committed, claimed or refused."""
+    """Claim and run job `job_id`, or the job `create` writes just before its claim (a task
+    sent by name with the intent: store.claim). `on_claim(job id)` once the claim
+    committed, claimed or refused."""
     token = uuid.uuid4().hex
     claimed = store.claim(job_id, token, task_id, worker, kind, create=create)
     if on_claim is not None:

@@ -194,17 +194,11 @@ _CONNECTION_COLUMNS = (_C.id.label("c_id"), _C.base_url.label("c_base_url"), _C.
                        _C.private_key_encrypted.label("c_private"), _C.is_active.label("c_active"))
 
 
-@functools.cache
-def _claim_sql() -> str:
-    """The durable claim (of a job its task wrote in the same transaction) as one text."""
-    return _claim_prefix(durable=True) + _claim_statement()
-
-
-def _claim_prefix(durable: bool = False) -> str:
-    """The PostgreSQL claim is one round trip: this prefix relaxes durability (unless
-    `durable`) and takes the ticket's advisory lock; then _claim_statement, a statement of
-    its own, so its snapshot is taken once the lock is held."""
-    return f"""{"" if durable else _RELAXED + ";"}
+def _claim_prefix() -> str:
+    """The PostgreSQL claim is one round trip: this prefix relaxes durability and takes the
+    ticket's advisory lock; then _claim_statement, a statement of its own, so its snapshot
+    is taken once the lock is held."""
+    return f"""{_RELAXED};
 SELECT pg_advisory_xact_lock(hashtext(ticket_key)) FROM writeback_jobs WHERE id = %(id)s;
 """
 
@@ -252,29 +246,29 @@ _DEFERRALS_SQL = (f"SELECT count(*) FROM writeback_attempts a WHERE a.job_id = {
 def claim(job_id: int | None, token: str, task_id: str | None, worker: str | None,
           kind: str | None = None, create: Callable[[Connection], int] | None = None) -> ClaimedJob | ClaimRefusal:
     """Claim job `job_id`; or, with `create`, first write the job (create(connection) returns
-    its id: a task sent by name with the intent) in the claim's own transaction, which then
-    commits durably: until it is on disk the row is the only promise of that writeback (the
-    message is acked when the task ends), so it must not be a relaxed commit (_RELAXED)."""
+    its id: a task sent by name with the intent). Until the row is on disk it is the only
+    promise of that writeback (the message is acked when the task ends), so it is never
+    written in a relaxed commit (_RELAXED). On PostgreSQL create(None) writes it in round
+    trips of its own (tasks.intake), committed durably before the claim, which then is any
+    job's claim; a retry of this function finds the row by its idempotency key. On SQLite
+    (the demo) it is written in the claim's transaction, which then commits durably."""
     postgres = _postgres()
-    if postgres and create is None:
-        # the common case, a job the enqueue API wrote: one round trip, nothing else
+    if postgres:
+        if create is not None:
+            job_id = create(None)
+        # one round trip, nothing else
         now, seconds = utcnow(), lease_seconds()
         row = round_trip(_claim_statement(), _claim_params(job_id, token, task_id, worker, kind, now, seconds),
                          prefix=_claim_prefix())[1]
         return _snapshot(row, token, started_at=now, lease=seconds) if row else _not_claimed(job_id, token, kind, now,
                                                                                             seconds)
-    with transaction() if postgres else session_scope() as db:
+    with session_scope() as db:
         if create is not None:
             job_id = create(_conn(db))
         # after create(): the new row's next_attempt_at is its insert time, which must be due
         now = utcnow()
         seconds = lease_seconds()
-        if postgres:
-            found = _conn(db).exec_driver_sql(_claim_sql(), _claim_params(
-                job_id, token, task_id, worker, kind, now, seconds)).mappings().first()
-            row = Row(found) if found else None
-        else:
-            row = _claim_portable(db, job_id, token, task_id, worker, kind, now, now + dt.timedelta(seconds=seconds))
+        row = _claim_portable(db, job_id, token, task_id, worker, kind, now, now + dt.timedelta(seconds=seconds))
         if row is None:
             return _not_claimed(job_id, token, kind, now, seconds, db)
         return _snapshot(row, token, started_at=now, lease=seconds)

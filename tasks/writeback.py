@@ -58,8 +58,8 @@ class InvalidTaskArguments(RequestError):
 
 
 def _job_from_intent(task: Task, kind: JobKind, intent: dict[str, Any]) -> Callable[[Connection], int]:
-    """What writes the job for this intent: store.claim runs it in the claim's transaction
-    (one transaction fewer per job than writing the row first)."""
+    """What writes the job for this intent: store.claim runs it just before the claim (on
+    PostgreSQL as two round trips of its own, on SQLite in the claim's transaction)."""
     allowed, required = _INTENT_FIELDS[kind]
     payload = dict(v.only_known(intent, allowed, required))
     # A redelivered message must find the job its first delivery created, not make another.
@@ -68,8 +68,9 @@ def _job_from_intent(task: Task, kind: JobKind, intent: dict[str, Any]) -> Calla
 
 
 def run_job(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any, intent: dict[str, Any]) -> dict[str, Any]:
-    # The job a retry message should name: known once the claim's transaction committed
-    # (a job sent by name is written in it), so a retry never carries the markdown again.
+    # The job a retry message should name: known once the claim committed (a job sent by
+    # name is written before it), so a retry after the claim never carries the markdown
+    # again. One before it carries the intent, whose task id keys the job already written.
     known: list[int] = []
     try:
         job_id, create = _job_id(task, kind, args, job_id, intent)

@@ -1,17 +1,18 @@
-"""A task sent by name with the intent writes its job in the claim's own transaction
+"""A task sent by name with the intent writes its job just before its claim
 (tasks.intake.create_job via store.claim): what that must keep true."""
 from __future__ import annotations
 
+import functools
 import types
 
 import pytest
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import event, func, select
 from sqlalchemy.exc import OperationalError
 
 from models import JobKind, WritebackJob
-from models.db import session_scope
-from tasks import enqueue_resolve, runner, writeback
+from models.db import ROUND_TRIP_OBSERVERS, get_engine, session_scope
+from tasks import ConflictError, enqueue_resolve, intake, runner, store, writeback
 from tests.factories import session_row, wait_terminal
 from tests.harness import wait_for
 
@@ -85,3 +86,100 @@ def _job(job_id: int) -> WritebackJob:
 def _by_key(key: str) -> WritebackJob | None:
     with session_scope() as db:
         return db.scalar(select(WritebackJob).where(WritebackJob.idempotency_key == key))
+
+
+# --- the by-name job's own writes (PostgreSQL: two round trips of their own, then the claim)
+
+_VARYING = {"id", "idempotency_key", "session_id", "ticket_id", "ticket_key", "markdown", "created_at", "updated_at",
+            "next_attempt_at", "published_at"}
+
+
+def _columns(job_id: int) -> dict:
+    with session_scope() as db:
+        job = db.get(WritebackJob, job_id)
+        return {c.key: getattr(job, c.key) for c in WritebackJob.__table__.columns}
+
+
+def test_a_job_written_by_name_is_the_row_the_enqueue_api_writes(world):
+    with session_scope() as db:  # what the enqueue API writes (enqueue.build_job), without publishing it
+        by_api = intake.create_job(db.connection(), JobKind.RESOLVE, session_id=world.session(5401),
+                                   markdown="Via the API.", idempotency_key="api-1")
+    by_name = intake.create_job(None, JobKind.RESOLVE, session_id=world.session(5402), markdown="By name.",
+                                idempotency_key="name-1")
+    api, name = _columns(by_api), _columns(by_name)
+    assert {k: v for k, v in name.items() if k not in _VARYING} == {k: v for k, v in api.items() if k not in _VARYING}
+    assert name["state"] == "queued" and name["attempts"] == 0 and name["target_status_id"] is not None
+    for column in ("created_at", "updated_at", "next_attempt_at", "published_at"):
+        assert abs((name[column] - api[column]).total_seconds()) < 30, column
+    assert name["ticket_key"] == f"{world.connection_id}:5402" and name["markdown"] == "By name."
+
+
+def test_a_by_name_claim_is_three_round_trips_and_no_other_statement(world):
+    sid = world.session(5403)
+    trips: list[str] = []
+    statements: list[str] = []
+
+    def on_statement(conn, cursor, statement, *_):
+        statements.append(statement)
+
+    engine = get_engine()
+    event.listen(engine, "before_cursor_execute", on_statement)
+    ROUND_TRIP_OBSERVERS.append(lambda sql, _: trips.append(sql))
+    try:
+        claimed = store.claim(None, "token-1", "task-1", "test@host", "resolve", create=functools.partial(
+            intake.create_job, kind=JobKind.RESOLVE, session_id=sid, markdown="Note.", idempotency_key="celery:t1"))
+    finally:
+        ROUND_TRIP_OBSERVERS.pop()
+        event.remove(engine, "before_cursor_execute", on_statement)
+    assert isinstance(claimed, store.ClaimedJob) and claimed.session_id == sid and claimed.attempt_no == 1
+    assert [t.split()[0] for t in trips] == ["SELECT", "INSERT", "SET"]  # facts, the row, the claim
+    assert statements == []
+    # the same message again (a redelivery) finds its job: no second row
+    again = intake.create_job(None, JobKind.RESOLVE, session_id=sid, markdown="Note.", idempotency_key="celery:t1")
+    assert again == claimed.id
+
+
+def _racing(monkeypatch, competitor):
+    """Our plan() reads no job; then `competitor()` writes one (through the enqueue API,
+    whose own plan() is the real one) before our INSERT."""
+    real = intake.plan
+
+    def plan(*args, **kwargs):
+        planned = real(*args, **kwargs)
+        monkeypatch.setattr(intake, "plan", real)
+        competitor()
+        return planned
+
+    monkeypatch.setattr(intake, "plan", plan)
+
+
+def test_a_racing_job_with_the_same_key_and_intent_is_found_not_duplicated(world, monkeypatch):
+    sid = world.session(5404)
+    won: list[int] = []
+
+    def competitor():
+        with session_scope() as db:
+            won.append(enqueue_resolve(db, sid, "Note.", idempotency_key="same"))
+
+    _racing(monkeypatch, competitor)
+    assert intake.create_job(None, JobKind.RESOLVE, session_id=sid, markdown="Note.", idempotency_key="same") == won[0]
+    with session_scope() as db:
+        assert db.scalar(select(func.count()).select_from(WritebackJob)) == 1
+
+
+@pytest.mark.parametrize("key, message", [
+    ("same", "idempotency_key was already used for job"),  # the key, for another session
+    ("mine", "already has a live resolve writeback"),  # another key, a live resolve of the same session
+])
+def test_a_racing_job_that_conflicts_is_refused_and_ours_is_not_written(world, monkeypatch, key, message):
+    sid, other = world.session(5405), world.session(5406)
+
+    def competitor():
+        with session_scope() as db:
+            enqueue_resolve(db, other if key == "same" else sid, "Theirs.", idempotency_key="same")
+
+    _racing(monkeypatch, competitor)
+    with pytest.raises(ConflictError, match=message):
+        intake.create_job(None, JobKind.RESOLVE, session_id=sid, markdown="Ours.", idempotency_key=key)
+    with session_scope() as db:
+        assert db.scalars(select(WritebackJob.markdown)).all() == ["Theirs."]
