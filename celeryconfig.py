@@ -15,9 +15,11 @@ from pathlib import Path
 
 from kombu import Exchange, Queue
 
+from models import settings
+
 
 def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, str(default)))
+    return settings.integer(name, default, positive=True)
 
 
 def _embedded_broker() -> tuple[str, dict]:
@@ -108,13 +110,13 @@ beat_schedule_filename = os.environ.get("CELERY_BEAT_SCHEDULE_FILE", "").strip()
 beat_schedule = {
     "writeback-sweep": {
         "task": "writeback.sweep",
-        "schedule": float(os.environ.get("SWEEP_INTERVAL_SECONDS", "15")),
+        "schedule": settings.number("SWEEP_INTERVAL_SECONDS", 15, positive=True),
         "options": {"expires": 60},
     },
     # Stuck-job alerts, alerts a dead worker missed, lost alert-webhook deliveries (worker/alerts.py).
     "writeback-check-stuck": {
         "task": "writeback.check_stuck",
-        "schedule": float(os.environ.get("STUCK_CHECK_INTERVAL_SECONDS", "60")),
+        "schedule": settings.number("STUCK_CHECK_INTERVAL_SECONDS", 60, positive=True),
         "options": {"expires": 120},
     },
 }

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
-from models import prepared
+from models import prepared, settings
 
 DEFAULT_SQLITE_PATH = Path("var") / "psa-writeback.db"
 
@@ -70,18 +70,24 @@ def make_engine(url: str | None = None, *, pool_size: int | None = None) -> Engi
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True)
         _configure_sqlite(engine)
         return engine
-    size = pool_size or int(os.environ.get("DB_POOL_SIZE", "10"))
+    size, overflow, ping_idle = pool_settings()
     engine = create_engine(
         url,
-        pool_size=size,
-        max_overflow=int(os.environ.get("DB_MAX_OVERFLOW", "5")),
+        pool_size=pool_size or size,
+        max_overflow=overflow,
         pool_recycle=1800,
         # A statement's parameters are note markdown and vendor strings: an error's text
         # must never carry them into a log line, a job's error_message or Flower.
         hide_parameters=True,
     )
-    _ping_when_idle(engine, float(os.environ.get("DB_POOL_PING_IDLE_SECONDS", "1")))
+    _ping_when_idle(engine, ping_idle)
     return engine
+
+
+def pool_settings() -> tuple[int, int, float]:
+    """DB_POOL_SIZE, DB_MAX_OVERFLOW, DB_POOL_PING_IDLE_SECONDS (see _ping_when_idle)."""
+    return (settings.integer("DB_POOL_SIZE", 10, positive=True), settings.integer("DB_MAX_OVERFLOW", 5, minimum=0),
+            settings.number("DB_POOL_PING_IDLE_SECONDS", 1, minimum=0))
 
 
 def describe_error(err: BaseException) -> str:

@@ -20,6 +20,7 @@ import requests
 import urllib3
 from requests.structures import CaseInsensitiveDict
 
+from models import settings
 from providers import netguard, transport
 from providers.errors import (PsaDeadlineExceeded, PsaError, PsaProtocolError, PsaRedirectRefused, PsaUnreachable,
                               PsaResponseTooLarge, PsaTransientError, from_response)
@@ -51,42 +52,42 @@ _NOT_JSON = object()
 
 
 def timeouts() -> tuple[float, float]:
-    return (float(os.environ.get("PSA_CONNECT_TIMEOUT", "5")), float(os.environ.get("PSA_READ_TIMEOUT", "30")))
+    return (settings.number("PSA_CONNECT_TIMEOUT", 5, positive=True), settings.number("PSA_READ_TIMEOUT", 30, positive=True))
 
 
 def call_deadline(limits: tuple[float, float] | None = None) -> float:
     """Wall-clock seconds one call may take, connect and every read included (`limits`: the
     timeouts() already read, if any). tasks.store sizes the job lease from it, so a call
     always ends inside its lease."""
-    raw = os.environ.get("PSA_CALL_DEADLINE_SECONDS")
-    return float(raw) if raw else sum(limits or timeouts())
+    deadline = settings.number("PSA_CALL_DEADLINE_SECONDS", 0, minimum=0)
+    return deadline if deadline > 0 else sum(limits or timeouts())
 
 
 def max_response_bytes() -> int:
-    return int(os.environ.get("PSA_MAX_RESPONSE_BYTES", DEFAULT_MAX_RESPONSE_BYTES))
+    return settings.integer("PSA_MAX_RESPONSE_BYTES", DEFAULT_MAX_RESPONSE_BYTES, positive=True)
 
 
 def max_sessions() -> int:
     """Connections whose keep-alive session a worker process keeps at once. 128 is four
     times the connections a 32-thread worker can be calling at any moment, and keeps a
     worker's sockets (mostly one idle keep-alive socket per kept session) under 256."""
-    return max(int(os.environ.get("PSA_HTTP_MAX_SESSIONS", "128")), 1)
+    return max(settings.integer("PSA_HTTP_MAX_SESSIONS", 128), 1)
 
 
 def idle_seconds() -> float:
     """A session unused this long is closed (its sockets with it)."""
-    return float(os.environ.get("PSA_HTTP_IDLE_SECONDS", "300"))
+    return settings.number("PSA_HTTP_IDLE_SECONDS", 300, minimum=0)
 
 
 def pool_size() -> int:
     """Keep-alive sockets one connection's session keeps. One connection never has more
     calls in flight than its in-flight cap (tasks.ratelimit, a job's calls are sequential),
     so a pool sized to the worker concurrency would only hold sockets nobody can use."""
-    raw = os.environ.get("PSA_HTTP_POOL_SIZE")
-    if raw:
-        return max(int(raw), 1)
-    cap = int(os.environ.get("PSA_MAX_INFLIGHT_PER_CONNECTION", "8"))
-    concurrency = int(os.environ.get("WORKER_CONCURRENCY", "32"))
+    size = settings.integer("PSA_HTTP_POOL_SIZE", 0)
+    if size:
+        return max(size, 1)
+    cap = settings.integer("PSA_MAX_INFLIGHT_PER_CONNECTION", 8)
+    concurrency = settings.integer("WORKER_CONCURRENCY", 32, positive=True)
     return max(min(cap, concurrency) if cap > 0 else concurrency, 1)
 
 

@@ -13,10 +13,10 @@ raised: the runner starts the connection's cooldown, and nothing calls that PSA 
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from models import settings
 from providers.errors import PsaBadRequest, PsaError, PsaRateLimited
 from providers.lru import LRU
 
@@ -43,10 +43,14 @@ class Picklist:
                             f"{' or '.join(repr(x) for x in labels)}; set its id in the account's preferences")
 
 
+def ttl_seconds() -> float:
+    """How long a tenant's picklists (statuses, note types) are used before reading them again."""
+    return settings.number("PSA_PICKLIST_TTL_SECONDS", 600, minimum=0)
+
+
 class PicklistCache:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self._entries: LRU[dict[str, Picklist]] = LRU(
-            max_entries, ttl=lambda: float(os.environ.get("PSA_PICKLIST_TTL_SECONDS", "600")))
+        self._entries: LRU[dict[str, Picklist]] = LRU(max_entries, ttl=ttl_seconds)
         self._failures: LRU[PsaError] = LRU(max_entries, ttl=lambda: FAILURE_SECONDS)
 
     def get(self, key: str, load: Callable[[], dict[str, Picklist]], field: str) -> Picklist:

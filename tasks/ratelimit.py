@@ -58,6 +58,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from models import settings
 from providers.errors import PsaRateLimited
 from tasks.ratelimit_scripts import COOLDOWN as _COOLDOWN, GATE as _GATE, RELEASE as _RELEASE, WAIT as _WAIT
 
@@ -111,25 +112,25 @@ def connection_key(connection_id: int, base_url: str) -> str:
 
 
 def rate_per_second() -> float:
-    return float(os.environ.get("PSA_RATE_LIMIT_PER_SECOND", "500"))
+    return settings.number("PSA_RATE_LIMIT_PER_SECOND", 500, minimum=0)
 
 
 def burst() -> float:
-    return float(os.environ.get("PSA_RATE_LIMIT_BURST", str(max(rate_per_second(), 1.0))))
+    return settings.number("PSA_RATE_LIMIT_BURST", max(rate_per_second(), 1.0), minimum=0)
 
 
 def max_wait() -> float:
     """The longest a worker thread sleeps for a token before deferring the job instead."""
-    return float(os.environ.get("PSA_RATE_LIMIT_MAX_WAIT_SECONDS", "2"))
+    return settings.number("PSA_RATE_LIMIT_MAX_WAIT_SECONDS", 2, minimum=0)
 
 
 def default_cooldown() -> float:
-    return float(os.environ.get("RATE_LIMIT_DEFAULT_COOLDOWN_SECONDS", "5"))
+    return settings.number("RATE_LIMIT_DEFAULT_COOLDOWN_SECONDS", 5, minimum=0)
 
 
 def max_inflight() -> int:
     """Jobs of one connection running at once, across all workers (0: no cap)."""
-    return int(os.environ.get("PSA_MAX_INFLIGHT_PER_CONNECTION", "8"))
+    return settings.integer("PSA_MAX_INFLIGHT_PER_CONNECTION", 8)
 
 
 def inflight_cap(vendor_limit: int | None = None) -> int:
@@ -185,12 +186,12 @@ def hourly_spread(deferrals: int = 0) -> float:
 def max_retry_after() -> float:
     """The longest a PSA's Retry-After (or any deferral) may hold a job or a connection: the
     value comes from the tenant's server, so it is never trusted as is."""
-    return float(os.environ.get("PSA_MAX_RETRY_AFTER_SECONDS", "900"))
+    return settings.number("PSA_MAX_RETRY_AFTER_SECONDS", 900, minimum=0)
 
 
 def long_deferral_after() -> float:
     """A cooldown or deferral the PSA imposes beyond this raises one `long_deferral` alert."""
-    return float(os.environ.get("LONG_DEFERRAL_ALERT_SECONDS", "600"))
+    return settings.number("LONG_DEFERRAL_ALERT_SECONDS", 600, minimum=0)
 
 
 def capped_wait(seconds: float) -> float:
@@ -230,7 +231,7 @@ def _redis() -> Any:
             import redis
 
             pool = redis.BlockingConnectionPool.from_url(
-                url, max_connections=int(os.environ.get("WORKER_CONCURRENCY", "32")) + 4, timeout=1,
+                url, max_connections=settings.integer("WORKER_CONCURRENCY", 32, positive=True) + 4, timeout=1,
                 socket_timeout=0.5, socket_connect_timeout=0.5)
             client = redis.Redis(connection_pool=pool)
             client._pswb_scripts = (client.register_script(_GATE), client.register_script(_COOLDOWN),

@@ -2,10 +2,10 @@
 in a Celery countdown, so a lost retry message delays a job but never loses it."""
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 
+from models import settings
 from providers.errors import PsaError, PsaRateLimited, PsaRecordBusy
 from providers.http import timeouts
 from tasks.ratelimit import max_retry_after
@@ -45,11 +45,11 @@ class RetryPolicy:
     @classmethod
     def from_env(cls) -> "RetryPolicy":
         # Defaults give ~8 attempts over about an hour: 30 s, 1, 2, 4, 8, 16, 30 min (jittered).
-        return cls(base_seconds=float(os.environ.get("RETRY_BASE_SECONDS", "30")),
-                   factor=float(os.environ.get("RETRY_FACTOR", "2")),
-                   max_delay_seconds=float(os.environ.get("RETRY_MAX_DELAY_SECONDS", "1800")),
-                   max_attempts=int(os.environ.get("RETRY_MAX_ATTEMPTS", "8")),
-                   post_settle_seconds=float(os.environ.get("POST_SETTLE_SECONDS", str(timeouts()[1]))),
+        return cls(base_seconds=settings.number("RETRY_BASE_SECONDS", 30, minimum=0),
+                   factor=settings.number("RETRY_FACTOR", 2, minimum=1),
+                   max_delay_seconds=settings.number("RETRY_MAX_DELAY_SECONDS", 1800, minimum=0),
+                   max_attempts=settings.integer("RETRY_MAX_ATTEMPTS", 8, positive=True),
+                   post_settle_seconds=settings.number("POST_SETTLE_SECONDS", timeouts()[1], minimum=0),
                    max_retry_after_seconds=max_retry_after())
 
     def delay(self, attempt: int, error: PsaError | None = None, rng: random.Random | None = None) -> float:

@@ -28,11 +28,11 @@ How a note is recognised, and why:
 """
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from models import settings
 from models.enums import NoteState, NoteVisibility
 from providers.base import PostedNote, Provider, Ticket
 from tasks.store import ClaimedJob
@@ -117,7 +117,7 @@ class TransitionResult:
 
 
 def verify_reads() -> tuple[int, float]:
-    return int(os.environ.get("VERIFY_READS", "3")), float(os.environ.get("VERIFY_INTERVAL_SECONDS", "1.0"))
+    return settings.integer("VERIFY_READS", 3, positive=True), settings.number("VERIFY_INTERVAL_SECONDS", 1.0, minimum=0)
 
 
 def transition_and_verify(provider: Provider, ticket_id: int, target: int) -> TransitionResult:

@@ -11,7 +11,6 @@ import datetime as dt
 import functools
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from sqlalchemy.orm import Session, aliased
 
 from models import (AccountSettings, AiSession, AttemptOutcome, JobState, NoteState, PsaConnection, WritebackAttempt,
                     WritebackJob, utcnow)
-from models import crypto
+from models import crypto, settings
 from models.crypto import ConfigurationError
 from models.db import Row, get_engine, round_trip, session_scope, transaction
 from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
@@ -58,7 +57,7 @@ def min_lease_seconds() -> float:
 
 
 def lease_seconds() -> float:
-    configured = float(os.environ.get("JOB_LEASE_SECONDS", "600"))
+    configured = settings.number("JOB_LEASE_SECONDS", 600, positive=True)
     floor = min_lease_seconds()
     if configured < floor:
         log.warning("JOB_LEASE_SECONDS=%s is shorter than a PSA call can take; using %.0f s", configured, floor)

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 
 from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import aliased
 
 from models import JobState, WritebackJob, utcnow
+from models import settings
 from models.db import session_scope
 from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
 from tasks.store import db_retry
@@ -35,12 +35,12 @@ QUEUE = "writeback"
 
 
 def republish_after() -> dt.timedelta:
-    return dt.timedelta(seconds=float(os.environ.get("SWEEP_REPUBLISH_AFTER_SECONDS", "120")))
+    return dt.timedelta(seconds=settings.number("SWEEP_REPUBLISH_AFTER_SECONDS", 120, minimum=0))
 
 
 def backlog_republish_after() -> dt.timedelta:
     default = 10 * republish_after().total_seconds()
-    return dt.timedelta(seconds=float(os.environ.get("SWEEP_BACKLOG_REPUBLISH_AFTER_SECONDS", str(default))))
+    return dt.timedelta(seconds=settings.number("SWEEP_BACKLOG_REPUBLISH_AFTER_SECONDS", default, minimum=0))
 
 
 def broker_queue_lengths(*queues: str) -> dict[str, int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ from celery import Task
 from sqlalchemy import Connection, select
 
 from models import JobKind, WritebackJob
+from models import settings
 from models.db import describe_error, session_scope
 from tasks import runner, store, sweeper
 from tasks import validation as v
@@ -39,7 +39,7 @@ def max_countdown() -> float:
 
 
 def db_outage_countdown() -> float:
-    return float(os.environ.get("DB_OUTAGE_RETRY_SECONDS", "10"))
+    return settings.number("DB_OUTAGE_RETRY_SECONDS", 10, minimum=0)
 
 
 # `account_id` (optional, every kind) is the web tier's tenant guard: when given, a session

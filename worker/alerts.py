@@ -26,6 +26,7 @@ from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from models import AccountSettings, Alert, AlertKind, DeliveryState, JobState, WritebackJob, utcnow
+from models import settings
 from models.alerts import close_alerts
 from models.db import session_scope
 from models.limits import clamp
@@ -39,8 +40,20 @@ from worker.stuck import longest_wait, stuck_after, stuck_condition
 log = logging.getLogger("psa_writeback.alerts")
 
 
-def _env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name, str(default)))
+def webhook_retry_seconds() -> float:
+    return settings.number("ALERT_WEBHOOK_RETRY_SECONDS", 15, minimum=0)
+
+
+def webhook_max_delay_seconds() -> float:
+    return settings.number("ALERT_WEBHOOK_MAX_DELAY_SECONDS", 600, minimum=0)
+
+
+def webhook_timeout_seconds() -> float:
+    return settings.number("ALERT_WEBHOOK_TIMEOUT_SECONDS", 5, positive=True)
+
+
+def webhook_max_attempts() -> int:
+    return settings.integer("ALERT_WEBHOOK_MAX_ATTEMPTS", 6, positive=True)
 
 
 def webhook_url() -> str:
@@ -169,14 +182,14 @@ class Delivery:
 
 
 def _backoff(attempt: int) -> float:
-    return jittered_delay(attempt, _env_float("ALERT_WEBHOOK_RETRY_SECONDS", 15),
-                          _env_float("ALERT_WEBHOOK_MAX_DELAY_SECONDS", 600))
+    return jittered_delay(attempt, webhook_retry_seconds(),
+                          webhook_max_delay_seconds())
 
 
 def deliver(alert_id: int) -> Delivery:
     """One delivery attempt: claim the row, POST outside any transaction, record the result."""
     now = utcnow()
-    lease = dt.timedelta(seconds=_env_float("ALERT_WEBHOOK_TIMEOUT_SECONDS", 5) * 3)
+    lease = dt.timedelta(seconds=webhook_timeout_seconds() * 3)
     with session_scope() as db:
         attempt = db.execute(update(Alert).where(
             Alert.id == alert_id, Alert.delivery_state == DeliveryState.PENDING.value,
@@ -195,7 +208,7 @@ def deliver(alert_id: int) -> Delivery:
     if code is not None and 200 <= code < 300:
         return _record(alert_id, Delivery("sent", attempt, http_status=code))
     retryable = code is None or code == 429 or code >= 500  # other 4xx: the hook is misconfigured
-    if retryable and attempt < int(_env_float("ALERT_WEBHOOK_MAX_ATTEMPTS", 6)):
+    if retryable and attempt < webhook_max_attempts():
         return _record(alert_id, Delivery("retry", attempt, _backoff(attempt), code, error))
     return _record(alert_id, Delivery("failed", attempt, http_status=code, error=error))
 
@@ -203,7 +216,7 @@ def deliver(alert_id: int) -> Delivery:
 def _post(url: str, body: dict[str, Any]) -> tuple[int | None, str | None]:
     import requests
 
-    timeout = _env_float("ALERT_WEBHOOK_TIMEOUT_SECONDS", 5)
+    timeout = webhook_timeout_seconds()
     try:
         resp = requests.post(url, json=body, timeout=(min(timeout, 3), timeout))
     except requests.RequestException as err:

@@ -37,6 +37,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from models import settings
+
 log = logging.getLogger("psa_writeback.metrics")
 
 NS = "psa_writeback"
@@ -213,7 +215,7 @@ def serve(port: int, addr: str = "0.0.0.0") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="psa-writeback metrics", description="Serve queue metrics from the database.")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("QUEUE_METRICS_PORT", "9809")))
+    parser.add_argument("--port", type=int, default=settings.integer("QUEUE_METRICS_PORT", 9809, positive=True))
     # All interfaces by default: Prometheus scrapes from another host or container. The
     # gauges are counts (no tenant data), but set QUEUE_METRICS_ADDR (or --addr) to bind one
     # interface where the port is reachable from places that should not see them.

@@ -3,13 +3,13 @@ gauge (worker.metrics), so neither has to import the other for it."""
 from __future__ import annotations
 
 import datetime as dt
-import os
 from typing import Any
 
 from sqlalchemy import and_, exists, or_
 from sqlalchemy.orm import aliased
 
 from models import JobState, WritebackJob
+from models import settings
 from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
 
 TERMINAL = [s.value for s in TERMINAL_STATES]
@@ -17,7 +17,7 @@ CLAIMABLE = [s.value for s in CLAIMABLE_STATES]
 
 
 def stuck_after() -> dt.timedelta:
-    return dt.timedelta(seconds=float(os.environ.get("STUCK_AFTER_SECONDS", "600")))
+    return dt.timedelta(seconds=settings.number("STUCK_AFTER_SECONDS", 600, positive=True))
 
 
 def longest_wait() -> dt.timedelta:

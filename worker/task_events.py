@@ -16,16 +16,17 @@ connection as before. Worker events (heartbeats, online/offline) were never buff
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from celery import bootsteps
+
+from models import settings
 
 FLUSH_SECONDS = 0.1
 
 
 def flush_seconds() -> float:
-    return max(float(os.environ.get("TASK_EVENTS_FLUSH_SECONDS", FLUSH_SECONDS)), 0.01)
+    return max(settings.number("TASK_EVENTS_FLUSH_SECONDS", FLUSH_SECONDS), 0.01)
 
 
 class BatchedTaskEvents(bootsteps.StartStopStep):
