@@ -5,13 +5,11 @@ import os
 from celery import Celery
 
 from worker.broker_client import reuse_channel_clients
-from worker.startup import CheckSettings
 from worker.task_events import BatchedTaskEvents
 
 reuse_channel_clients()  # one Redis client per kombu channel, not one per ack or event flush
 app = Celery("psa_writeback", task_cls="worker.taskbase:Task")  # database errors leave tasks without their text
 app.config_from_object("celeryconfig")
-app.steps["worker"].add(CheckSettings)  # a numeric setting that does not parse stops the worker at start
 app.steps["consumer"].add(BatchedTaskEvents)  # Flower's task events in batches, every 0.1 s
 # Modules whose tasks this worker serves (one per line: helpers add theirs).
 app.conf.include = [

@@ -19,6 +19,8 @@ from models import AlertKind
 from providers import http
 from tasks import events
 from worker import alerts, logs, metrics
+from worker.app import app
+from worker.startup import CheckSettings
 
 log = logging.getLogger("psa_writeback.ops")
 
@@ -178,6 +180,13 @@ def _redact_received(request: Any = None, **_: Any) -> None:
                                       for a in request.args])  # noqa: SLF001
     except Exception:
         request._kwargsrepr = "<redacted>"  # noqa: SLF001
+
+
+# A numeric setting that does not parse stops the worker before it takes a message. Added
+# here, not in worker.app: the check reads worker.alerts' settings, and worker.alerts
+# imports worker.app. The worker imports this module (app.conf.include) before it builds
+# its bootsteps.
+app.steps["worker"].add(CheckSettings)
 
 
 # --- metrics endpoint ---------------------------------------------------------------------

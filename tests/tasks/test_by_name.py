@@ -10,7 +10,7 @@ from celery import Celery
 from sqlalchemy import event, func, select
 from sqlalchemy.exc import OperationalError
 
-from models import JobKind, WritebackJob
+from models import JobKind, WritebackJob, prepared
 from models.db import ROUND_TRIP_OBSERVERS, get_engine, session_scope
 from tasks import ConflictError, enqueue_resolve, intake, runner, store, writeback
 from tests.factories import session_row, wait_terminal
@@ -133,6 +133,7 @@ def test_a_by_name_claim_is_three_round_trips_and_no_other_statement(world):
         event.remove(engine, "before_cursor_execute", on_statement)
     assert isinstance(claimed, store.ClaimedJob) and claimed.session_id == sid and claimed.attempt_no == 1
     assert [t.split()[0] for t in trips] == ["SELECT", "INSERT", "SET"]  # facts, the row, the claim
+    assert all(prepared._FORMS.get(sql) for sql in trips[:2])  # both prepared: PostgreSQL inferred every type
     assert statements == []
     # the same message again (a redelivery) finds its job: no second row
     again = intake.create_job(None, JobKind.RESOLVE, session_id=sid, markdown="Note.", idempotency_key="celery:t1")
