@@ -11,45 +11,36 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 from models.crypto import ConfigurationError
 
 
-def _raw(name: str) -> str | None:
-    raw = os.environ.get(name)
-    return raw.strip() if raw is not None and raw.strip() else None
-
-
 def number(name: str, default: float, *, positive: bool = False, minimum: float | None = None) -> float:
     """The environment variable `name` as a float (`default` when unset or blank)."""
-    raw = _raw(name)
-    if raw is None:
-        return float(default)
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be a number, got {raw[:40]!r}") from None
-    if not math.isfinite(value):
-        raise ConfigurationError(f"{name} must be a finite number, got {raw[:40]!r}")
-    _check_range(name, raw, value, positive, minimum)
-    return value
+    return _read(name, float(default), float, "a number", positive, minimum)
 
 
 def integer(name: str, default: int, *, positive: bool = False, minimum: int | None = None) -> int:
     """The environment variable `name` as a whole number (`default` when unset or blank)."""
-    raw = _raw(name)
-    if raw is None:
-        return int(default)
+    return _read(name, int(default), int, "a whole number", positive, minimum)
+
+
+def _read(name: str, default: Any, convert: Callable[[str], Any], what: str, positive: bool,
+          minimum: float | None) -> Any:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    shown = repr(raw[:40])
     try:
-        value = int(raw)
+        value = convert(raw)
     except ValueError:
-        raise ConfigurationError(f"{name} must be a whole number, got {raw[:40]!r}") from None
-    _check_range(name, raw, value, positive, minimum)
-    return value
-
-
-def _check_range(name: str, raw: str, value: float, positive: bool, minimum: float | None) -> None:
+        raise ConfigurationError(f"{name} must be {what}, got {shown}") from None
+    if not math.isfinite(value):
+        raise ConfigurationError(f"{name} must be a finite number, got {shown}")
     if positive and value <= 0:
-        raise ConfigurationError(f"{name} must be greater than 0, got {raw[:40]!r}")
+        raise ConfigurationError(f"{name} must be greater than 0, got {shown}")
     if minimum is not None and value < minimum:
-        raise ConfigurationError(f"{name} must be at least {minimum:g}, got {raw[:40]!r}")
+        raise ConfigurationError(f"{name} must be at least {minimum:g}, got {shown}")
+    return value
