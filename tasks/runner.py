@@ -66,9 +66,9 @@ def execute(job_id: int | None, task_id: str | None = None, worker: str | None =
             on_claim: Callable[[int], None] | None = None) -> Outcome:
     """Claim and run job `job_id`, or the job `create` writes just before its claim (a task
     sent by name with the intent: store.claim). `on_claim(job id)` once the claim
-    committed, claimed or refused."""
+    committed, claimed or refused, and before that once a job `create` wrote is committed."""
     token = uuid.uuid4().hex
-    claimed = store.claim(job_id, token, task_id, worker, kind, create=create)
+    claimed = store.claim(job_id, token, task_id, worker, kind, create=create, on_created=on_claim)
     if on_claim is not None:
         on_claim(claimed.job_id if isinstance(claimed, ClaimRefusal) else claimed.id)
     if isinstance(claimed, ClaimRefusal):

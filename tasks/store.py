@@ -243,18 +243,22 @@ _DEFERRALS_SQL = (f"SELECT count(*) FROM writeback_attempts a WHERE a.job_id = {
 
 @db_retry
 def claim(job_id: int | None, token: str, task_id: str | None, worker: str | None,
-          kind: str | None = None, create: Callable[[Connection], int] | None = None) -> ClaimedJob | ClaimRefusal:
+          kind: str | None = None, create: Callable[[Connection], int] | None = None,
+          on_created: Callable[[int], None] | None = None) -> ClaimedJob | ClaimRefusal:
     """Claim job `job_id`; or, with `create`, first write the job (create(connection) returns
     its id: a task sent by name with the intent). Until the row is on disk it is the only
     promise of that writeback (the message is acked when the task ends), so it is never
     written in a relaxed commit (_RELAXED). On PostgreSQL create(None) writes it in round
     trips of its own (tasks.intake), committed durably before the claim, which then is any
-    job's claim; a retry of this function finds the row by its idempotency key. On SQLite
-    (the demo) it is written in the claim's transaction, which then commits durably."""
+    job's claim; a retry of this function finds the row by its idempotency key, and
+    `on_created(job id)` is told once the row is committed, before the claim is tried. On
+    SQLite (the demo) it is written in the claim's transaction, which then commits durably."""
     postgres = _postgres()
     if postgres:
         if create is not None:
             job_id = create(None)
+            if on_created is not None:
+                on_created(job_id)
         # one round trip, nothing else
         now, seconds = utcnow(), lease_seconds()
         row = round_trip(_claim_statement(), _claim_params(job_id, token, task_id, worker, kind, now, seconds),

@@ -68,9 +68,9 @@ def _job_from_intent(task: Task, kind: JobKind, intent: dict[str, Any]) -> Calla
 
 
 def run_job(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any, intent: dict[str, Any]) -> dict[str, Any]:
-    # The job a retry message should name: known once the claim committed (a job sent by
-    # name is written before it), so a retry after the claim never carries the markdown
-    # again. One before it carries the intent, whose task id keys the job already written.
+    # The job a retry message should name: known once a job sent by name is committed (on
+    # PostgreSQL before its claim, on SQLite with it), so a retry never carries the markdown
+    # again. One before that carries the intent: nothing was written, or its task id keys it.
     known: list[int] = []
     try:
         job_id, create = _job_id(task, kind, args, job_id, intent)
