@@ -12,8 +12,9 @@ Without a connection (a task sent by name, on PostgreSQL) the SELECT and the INS
 prepared round trip each (models.db.round_trip), with no transaction around them: the
 checks read at each statement's own snapshot either way (READ COMMITTED), and what a
 racing writer could slip in between (the same key, a live job of the session) is caught by
-the INSERT's unique indexes, as in a transaction. Through SQLAlchemy the pair cost a by-name
-job a fifth more worker CPU than a job the enqueue API wrote.
+the INSERT's unique indexes, as in a transaction. Through SQLAlchemy, in one transaction with
+its claim, a by-name job cost 1.17 x the worker CPU of a job the enqueue API wrote; this way
+1.06 x (bench.cpu, 3 rounds each; README "Benchmark").
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ _ENDED = [JobState.FAILED.value, JobState.CANCELLED.value]
 _S, _C, _A = AiSession, PsaConnection, AccountSettings
 _KEYED = aliased(WritebackJob, name="keyed")  # the job already holding the idempotency key
 _LIVE = aliased(WritebackJob, name="live")  # a live job of the same kind on the session
+# inline, not a list parameter: the statement's text is prepared as it is (_first)
+_ENDED_INLINE = [literal_column(f"'{s}'") for s in _ENDED]
 _FACTS = (
     select(_S.id, _S.account_id, _S.psa_connection_id, _S.psa_ticket_id, _S.resolution_note_posted_at, _S.escalation_package_posted_at,
            _C.id.label("connection_id"), _C.account_id.label("connection_account_id"),
@@ -51,8 +54,7 @@ _FACTS = (
            _A.preferences.label("preferences"),
            _KEYED.id.label("keyed_id"), _KEYED.kind.label("keyed_kind"), _KEYED.session_id.label("keyed_session_id"),
            select(_LIVE.id).where(_LIVE.session_id == _S.id, _LIVE.kind == bindparam("kind", type_=String),
-                                  # inline, not a list parameter: the text is prepared as it is
-                                  _LIVE.state.notin_([literal_column(f"'{s}'") for s in _ENDED])).limit(1).scalar_subquery().label("live_id"))
+                                  _LIVE.state.notin_(_ENDED_INLINE)).limit(1).scalar_subquery().label("live_id"))
     .select_from(_S)
     # the connection asked for, else the session's own
     .outerjoin(_C, _C.id == func.coalesce(bindparam("connection", type_=Integer), _S.psa_connection_id))

@@ -259,7 +259,7 @@ def claim(job_id: int | None, token: str, task_id: str | None, worker: str | Non
             job_id = create(None)
             if on_created is not None:
                 on_created(job_id)
-        # one round trip, nothing else
+        # the claim: one round trip, nothing else
         now, seconds = utcnow(), lease_seconds()
         row = round_trip(_claim_statement(), _claim_params(job_id, token, task_id, worker, kind, now, seconds),
                          prefix=_claim_prefix())[1]
