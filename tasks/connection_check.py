@@ -14,6 +14,7 @@ from models.db import session_scope
 from providers import REGISTRY, provider_for
 from providers import errors as E
 from tasks import admin, store
+from tasks import validation as v
 from tasks.errors import NotFoundError, RequestError
 
 TARGETS = ("resolved", "escalated")
@@ -70,7 +71,7 @@ def _target(key: str, value: Any, known: dict[int, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"key": key, "value": value, "exists": False, "skipped": True}
     if value is None:
         return {**out, "reason": f"{key} is not set: the status change would be skipped"}
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not v.is_status_id(value):
         return {**out, "reason": f"{key} is not a positive integer: the status change would be skipped"}
     status = known.get(value)
     if status is None:

@@ -170,7 +170,7 @@ def target_status(preferences: dict[str, Any] | None, account_id: int, provider:
     value = (preferences or {}).get(pref_key)
     if value is None:
         return None, f"{pref_key} is not set in the account's preferences; the status was left unchanged"
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not v.is_status_id(value):
         log.warning("account %s preference %s is not a positive integer (%r); skipping the status change",
                     account_id, pref_key, type(value).__name__)
         return None, f"{pref_key} is set to a value that is not a positive integer ({str(value)[:40]!r}); " \

@@ -18,6 +18,12 @@ MAX_IDEMPOTENCY_KEY = 255
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
+def is_status_id(value: Any) -> bool:
+    """Whether a stored preference (JSON) is usable as a PSA status id: an integer above 0,
+    not a bool, not a numeric string (the account's settings are checked as they are)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def positive_int(value: Any, field: str) -> int:
     # bool is an int subclass; True must not become ticket 1.
     if isinstance(value, bool) or not isinstance(value, int):
