@@ -326,6 +326,18 @@ def _claim_portable(db: Session, job_id: int, token: str, task_id: str | None, w
     return _load(db, job_id)
 
 
+@db_retry
+def job_account(job_id: int) -> int | None:
+    """The account job `job_id` belongs to (None: no such job): the tenant guard of a message
+    that names its job (tasks.writeback), checked before the claim. On PostgreSQL one
+    prepared round trip: a web tier that passes account_id pays it on every job."""
+    if _postgres():
+        row = round_trip("SELECT account_id FROM writeback_jobs WHERE id = %(id)s", {"id": job_id})[1]
+        return row.account_id if row else None
+    with session_scope() as db:
+        return db.scalar(select(_J.account_id).where(_J.id == job_id))
+
+
 def _load(db: DB, job_id: int) -> Any:
     A = WritebackAttempt
     deferrals = (select(func.count()).where(A.job_id == _J.id, A.outcome == AttemptOutcome.DEFERRED.value)

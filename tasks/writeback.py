@@ -13,11 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Task
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
-from models import JobKind, WritebackJob
+from models import JobKind
 from models import settings
-from models.db import describe_error, session_scope
+from models.db import describe_error
 from tasks import runner, store, sweeper
 from tasks import validation as v
 from tasks.enqueue import publish
@@ -138,8 +138,7 @@ def _job_id(task: Task, kind: JobKind, args: tuple[Any, ...], job_id: Any,
 
 
 def _check_job_account(job_id: int, account_id: int) -> None:
-    with session_scope() as db:
-        owner = db.scalar(select(WritebackJob.account_id).where(WritebackJob.id == job_id))
+    owner = store.job_account(job_id)
     if owner is not None and owner != account_id:
         # Names only what the sender gave (a missing job goes on to PoisonMessage as before).
         raise RequestError(f"job {job_id} is not a job of account {account_id}", field="job_id")
