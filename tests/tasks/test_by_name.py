@@ -141,8 +141,8 @@ def test_a_by_name_claim_is_three_round_trips_and_no_other_statement(world):
 
 
 def _racing(monkeypatch, competitor):
-    """Our plan() reads no job; then `competitor()` writes one (through the enqueue API,
-    whose own plan() is the real one) before our INSERT."""
+    """Our plan() reads no job; then `competitor()` writes one (with _theirs, whose plan() is
+    the real one) before our INSERT."""
     real = intake.plan
 
     def plan(*args, **kwargs):
@@ -154,13 +154,20 @@ def _racing(monkeypatch, competitor):
     monkeypatch.setattr(intake, "plan", plan)
 
 
+def _theirs(session_id: int, markdown: str, key: str) -> int:
+    """The enqueue API's write (enqueue.build_job) without its publish: no message for the
+    suite's shared worker to run after this test, under a job id the next test reuses."""
+    with session_scope() as db:
+        return intake.create_job(db.connection(), JobKind.RESOLVE, session_id=session_id, markdown=markdown,
+                                 idempotency_key=key)
+
+
 def test_a_racing_job_with_the_same_key_and_intent_is_found_not_duplicated(world, monkeypatch):
     sid = world.session(5404)
     won: list[int] = []
 
     def competitor():
-        with session_scope() as db:
-            won.append(enqueue_resolve(db, sid, "Note.", idempotency_key="same"))
+        won.append(_theirs(sid, "Note.", "same"))
 
     _racing(monkeypatch, competitor)
     assert intake.create_job(None, JobKind.RESOLVE, session_id=sid, markdown="Note.", idempotency_key="same") == won[0]
@@ -176,8 +183,7 @@ def test_a_racing_job_that_conflicts_is_refused_and_ours_is_not_written(world, m
     sid, other = world.session(5405), world.session(5406)
 
     def competitor():
-        with session_scope() as db:
-            enqueue_resolve(db, other if key == "same" else sid, "Theirs.", idempotency_key="same")
+        _theirs(other if key == "same" else sid, "Theirs.", "same")
 
     _racing(monkeypatch, competitor)
     with pytest.raises(ConflictError, match=message):
