@@ -72,7 +72,10 @@ def truncate_all(engine: Any) -> None:
     for attempt in range(5):
         try:
             with engine.begin() as conn:
-                conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+                # Ids are not restarted: the suite's shared worker may still hold a message an
+                # earlier test published ("job 1"), which must find nothing rather than this
+                # test's job 1 (a task-received event for it would be taken for this test's).
+                conn.execute(text(f"TRUNCATE {tables} CONTINUE IDENTITY CASCADE"))
             return
         except OperationalError as err:
             # A worker still finishing the previous test's job locks these tables in another
@@ -116,8 +119,7 @@ class WorkerProcess:
 
     def mark(self) -> int:
         """Where the log ends now: pass it to `log_text(since=...)` to read only what is
-        written after it (a module-scoped worker's log holds every earlier test's lines, and
-        job ids restart per test)."""
+        written after it (a module-scoped worker's log holds every earlier test's lines)."""
         try:
             return self.log_path.stat().st_size
         except FileNotFoundError:

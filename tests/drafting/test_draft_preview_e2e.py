@@ -72,7 +72,7 @@ def test_reply_missing_a_section_is_asked_again_once_naming_it_then_accepted(api
 
 
 def test_reply_still_missing_a_section_after_the_reask_fails_with_that_reason(api, drafting_worker):
-    log_start = drafting_worker.mark()  # the worker is the module's; ids restart per test
+    log_start = drafting_worker.mark()  # the worker is the module's: read this test's lines only
     sid = make_session()
     api.reply_text(MISSING_HYPOTHESIS)
     api.reply_text(MISSING_HYPOTHESIS)

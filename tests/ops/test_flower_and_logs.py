@@ -132,7 +132,7 @@ def test_flower_shows_worker_and_tasks_to_authenticated_users_only(world, json_w
 
 def test_no_credential_or_note_body_in_any_log_line_or_in_flower(world, json_worker, flower, ops_client, ops_events):
     st = world.sim.state
-    log_start = json_worker.mark()  # job ids restart per test: read this test's lines below
+    log_start = json_worker.mark()  # the worker's log holds earlier tests' lines: read this test's below
     bodies = [f"ZEBRA-{n} fuser replaced; customer password is hunter{n}" for n in range(4)]
     with session_scope() as db:
         revoked = admin.add_connection(db, account_id=world.account_id, provider="connectwise",

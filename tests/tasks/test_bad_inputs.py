@@ -189,9 +189,9 @@ def test_the_enqueue_table_is_at_least_thirty_rows():
 def test_a_conflicting_idempotency_key_is_refused_and_writes_nothing(world):
     ctx = Ctx(world)
     other = world.session(4002)
-    enqueue(None, "resolve", session_id=ctx.sid, markdown="first", idempotency_key="req-1")
+    first = enqueue(None, "resolve", session_id=ctx.sid, markdown="first", idempotency_key="req-1")
     before = _counts()
-    with pytest.raises(ConflictError, match="idempotency_key was already used for job 1"):
+    with pytest.raises(ConflictError, match=f"idempotency_key was already used for job {first} "):
         enqueue(None, "resolve", session_id=other, markdown="second", idempotency_key="req-1")
     assert _counts() == before
 

@@ -208,8 +208,6 @@ def test_an_outage_between_the_job_row_and_its_claim_retries_with_the_job_id(wor
     task = _task()
     with pytest.raises(_Retry) as retried:
         writeback.run_job(task, JobKind.RESOLVE, (), None, {"session_id": sid, "markdown": "Secret-ish note."})
-    # (its state is not asserted: the suite's shared worker may meet a stale message naming
-    # this id, job ids restarting per test, and run it)
     written = _by_key("celery:task-1")
-    assert written is not None
+    assert written is not None and written.state == "queued" and written.attempts == 0  # the claim never landed
     assert retried.value.options["kwargs"] == {"job_id": written.id} and retried.value.options["args"] == ()
