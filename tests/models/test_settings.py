@@ -81,3 +81,20 @@ def test_a_worker_started_with_a_bad_setting_stops_at_once_and_says_which(tmp_pa
     assert worker.proc.wait(10) != 0
     text = log.read_text()
     assert "PSA_READ_TIMEOUT must be a number, got '30s'" in text and " ready." not in text
+
+
+def test_every_numeric_setting_is_in_the_readme():
+    """The README is the operators' only reference: a setting read in code and missing there
+    is a bug in one of them."""
+    import re
+
+    names = set()
+    for path in harness.ROOT.glob("**/*.py"):
+        if ".venv" in path.parts or "tests" in path.parts or "bench" in path.parts:
+            continue
+        text = path.read_text()
+        names |= set(re.findall(r'settings\.(?:number|integer)\(\s*"([A-Z0-9_]+)"', text))
+        names |= set(re.findall(r'_env_int\(\s*"([A-Z0-9_]+)"', text))
+    assert len(names) > 30  # the scan found the settings
+    readme = (harness.ROOT / "README.md").read_text()
+    assert sorted(n for n in names if n not in readme) == []
