@@ -69,13 +69,17 @@ def executable(cursor: Any, sql: str) -> str:
     try:
         cursor.execute(prepare)  # no parameters: psycopg2 sends the text as it is
     except psycopg2.Error as err:
-        if conn.closed:
-            raise
-        if getattr(err, "pgcode", None) == "42P05":  # already prepared (forgotten after an error that kept it)
+        code = getattr(err, "pgcode", None) or ""
+        if code == "42P05" and not conn.closed:  # already prepared (forgotten after an error that kept it)
             with _LOCK:
                 done.add(prepare)
             return execute
-        with _LOCK:  # e.g. a parameter whose type PostgreSQL cannot infer: send this one as is
+        if conn.closed or not code.startswith("42"):
+            # A lost connection, a cancelled statement, a server shutting down: not this
+            # statement's fault. Raised as any error of the round trip (db_retry decides),
+            # so one bad moment does not leave it unprepared for the process's life.
+            raise
+        with _LOCK:  # class 42, e.g. a parameter whose type PostgreSQL cannot infer: send this one as is
             _FORMS[sql] = None
         return sql
     with _LOCK:

@@ -177,3 +177,22 @@ def test_a_prepared_statement_dropped_behind_its_back_is_retried_and_prepared_ag
 
     assert insert_three() == 1 and len(attempts) == 1  # ...and by then it is prepared afresh
     assert rows(engine, table) == [(1, "x"), (3, "x")]
+
+
+def test_a_prepare_that_fails_for_a_passing_reason_is_raised_and_tried_again_later():
+    # Not the statement's fault (no SQLSTATE of class 42): the error is the round trip's, and
+    # the statement stays preparable, instead of going unprepared for the process's life.
+    import psycopg2
+
+    from models import prepared
+
+    class Cursor:
+        connection = type("Conn", (), {"closed": 0})()
+
+        def execute(self, _sql):
+            raise psycopg2.OperationalError("canceling statement due to user request")
+
+    sql = f"SELECT 1 AS one_{uuid.uuid4().hex[:8]} WHERE %(x)s::int > 0"
+    with pytest.raises(psycopg2.OperationalError):
+        prepared.executable(Cursor(), sql)
+    assert prepared._FORMS[sql] is not None
