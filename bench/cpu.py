@@ -118,7 +118,7 @@ def by_name(n: int, conn_id: int, account: int, first_ticket: int, start, timeou
     return {"jobs": n, "done": len(finished), "states": states, "jobs_per_s": len(finished) / span}
 
 
-def _measure(stack, name: str, run, profile: Path | None, latency: float) -> dict:
+def _measure(stack, run, profile: Path | None, latency: float) -> dict:
     """One of our workers, started fresh, on `run`'s messages: its figures."""
     import celeryconfig
 
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                t + 3_000_000, start=start),
                               profile and profile.with_name(profile.name + ".by-name")))
             for name, run, spy in (sides if number % 2 == 0 else sides[::-1]):
-                this[name] = _measure(stack, name, run, spy, args.latency)
+                this[name] = _measure(stack, run, spy, args.latency)
             rounds.append(this)
             print(f"round {number + 1}: " + ", ".join(f"{k} {v['cpu_ms_per_job']['worker']} ms/job"
                                                       for k, v in this.items()), file=sys.stderr, flush=True)

@@ -52,7 +52,8 @@ _NOT_JSON = object()
 
 
 def timeouts() -> tuple[float, float]:
-    return (settings.number("PSA_CONNECT_TIMEOUT", 5, positive=True), settings.number("PSA_READ_TIMEOUT", 30, positive=True))
+    return (settings.number("PSA_CONNECT_TIMEOUT", 5, positive=True),
+            settings.number("PSA_READ_TIMEOUT", 30, positive=True))
 
 
 def call_deadline(limits: tuple[float, float] | None = None) -> float:

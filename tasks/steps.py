@@ -117,7 +117,8 @@ class TransitionResult:
 
 
 def verify_reads() -> tuple[int, float]:
-    return settings.integer("VERIFY_READS", 3, positive=True), settings.number("VERIFY_INTERVAL_SECONDS", 1.0, minimum=0)
+    return (settings.integer("VERIFY_READS", 3, positive=True),
+            settings.number("VERIFY_INTERVAL_SECONDS", 1.0, minimum=0))
 
 
 def transition_and_verify(provider: Provider, ticket_id: int, target: int) -> TransitionResult:

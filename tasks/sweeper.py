@@ -23,8 +23,7 @@ import logging
 from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import aliased
 
-from models import JobState, WritebackJob, utcnow
-from models import settings
+from models import JobState, WritebackJob, settings, utcnow
 from models.db import session_scope
 from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
 from tasks.store import db_retry

@@ -15,8 +15,7 @@ from typing import Any
 from celery import Task
 from sqlalchemy import Connection
 
-from models import JobKind
-from models import settings
+from models import JobKind, settings
 from models.db import describe_error
 from tasks import runner, store, sweeper
 from tasks import validation as v

@@ -25,8 +25,7 @@ from typing import Any
 from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from models import AccountSettings, Alert, AlertKind, DeliveryState, JobState, WritebackJob, utcnow
-from models import settings
+from models import AccountSettings, Alert, AlertKind, DeliveryState, JobState, WritebackJob, settings, utcnow
 from models.alerts import close_alerts
 from models.db import session_scope
 from models.limits import clamp
@@ -182,8 +181,7 @@ class Delivery:
 
 
 def _backoff(attempt: int) -> float:
-    return jittered_delay(attempt, webhook_retry_seconds(),
-                          webhook_max_delay_seconds())
+    return jittered_delay(attempt, webhook_retry_seconds(), webhook_max_delay_seconds())
 
 
 def deliver(alert_id: int) -> Delivery:

@@ -3,7 +3,9 @@
 Each is read where it is used, often per job: without this, `PSA_READ_TIMEOUT=30s` would
 let the worker start and then fail every job at its first PSA call. A worker bootstep, not
 a worker_init handler: Celery logs and ignores a signal handler's exception, while a
-step's stops the worker before it takes a message, with every bad setting named.
+step's stops the worker before it takes a message, with the bad settings named (a reader
+of several names its first). tests/models/test_settings.py checks that this list reads
+every setting the code reads.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ def _readers() -> list[Callable[[], Any]]:
 
 
 def check_settings() -> None:
-    """Raise one ConfigurationError naming every numeric setting that does not parse."""
+    """Raise one ConfigurationError naming the numeric settings that do not parse (each
+    reader's first)."""
     problems: list[str] = []
     for read in _readers():
         try:

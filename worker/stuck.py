@@ -8,8 +8,7 @@ from typing import Any
 from sqlalchemy import and_, exists, or_
 from sqlalchemy.orm import aliased
 
-from models import JobState, WritebackJob
-from models import settings
+from models import JobState, WritebackJob, settings
 from models.enums import CLAIMABLE_STATES, TERMINAL_STATES
 
 TERMINAL = [s.value for s in TERMINAL_STATES]
